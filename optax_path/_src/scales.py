@@ -1,0 +1,188 @@
+"""Path scales (eq. 9, Algorithm 1) and the path regulariser (eq. 5) of a ReLU MLP.
+
+For kernels ``W_1..W_L`` (``(in, out)``) and biases ``b_1..b_L``, with ``A^p`` the
+elementwise ``|A|^p``:
+
+.. math::
+
+  \\gamma_{in,0} = 1, \\quad \\gamma_{in,l} = \\gamma_{in,l-1} W_l^p + b_l^p, \\qquad
+  \\gamma_{out,L} = 1, \\quad \\gamma_{out,l-1} = W_l^p \\gamma_{out,l},
+
+a bias being an edge from a source unit whose ``gamma_in`` is 1. The scale of kernel
+edge ``u -> v`` of layer ``l`` is ``(gamma_in,l-1[u] gamma_out,l[v])^(2/p)``, that of
+bias ``b_l[v]`` is ``gamma_out,l[v]^(2/p)``, and ``phi_p(w)^p = sum(gamma_in,L)``.
+
+Every vector is carried as its logarithm (see ``numerics``), so none of this overflows
+or underflows, however deep or unbalanced the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_path._src import layers as layers_lib
+from optax_path._src import numerics
+
+
+def validate_p(p: Any) -> numerics.Exponent:
+  """Checks that ``p`` is a finite number > 0; returns it as a float when concrete.
+
+  A traced ``p`` (as ``optax.inject_hyperparams`` makes it inside a jitted update) is
+  returned as it is: it was checked when the transformation was built.
+  """
+  try:
+    value = float(p)
+  except jax.errors.ConcretizationTypeError:
+    return p
+  except (TypeError, ValueError):
+    raise ValueError(f'p must be a number > 0, got {p!r}.') from None
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(
+      f'p must be a finite number > 0, got {p!r}. (p = inf, the max-norm geometry, is '
+      'not supported; a large finite p such as 20 approximates it.)'
+    )
+  return value
+
+
+def _layer_arrays(leaves, chain, dtype):
+  kernels = [leaves[layer.kernel].astype(dtype) for layer in chain]
+  biases = [None if layer.bias is None else leaves[layer.bias].astype(dtype) for layer in chain]
+  return kernels, biases
+
+
+def _scale_dtype(leaves, chain):
+  return numerics.compute_dtype(jnp.result_type(*(leaves[layer.kernel] for layer in chain)))
+
+
+def log_gamma_in(kernels, biases, p) -> list[jax.Array]:
+  """``log gamma_in`` of the units entering each layer, and of the outputs (last)."""
+  log_in = [jnp.zeros(kernels[0].shape[0], kernels[0].dtype)]
+  for w, b in zip(kernels, biases):
+    log_in.append(numerics.log_matvec(log_in[-1], w, b, p))
+  return log_in
+
+
+def log_gamma_out(kernels, p) -> list[jax.Array]:
+  """``log gamma_out`` of the units entering each layer, and of the outputs (last)."""
+  log_out = [jnp.zeros(kernels[-1].shape[1], kernels[-1].dtype)]
+  for w in reversed(kernels):
+    log_out.append(numerics.log_matvec(log_out[-1], w.T, None, p))
+  return log_out[::-1]
+
+
+def log_scale_leaves(
+    params: Any, p: numerics.Exponent, layers: Sequence[layers_lib.LayerSpec] | None
+) -> tuple[list[Any], Any, dict[int, jax.Array]]:
+  """The log path scale of every kernel and bias leaf.
+
+  Returns:
+    ``(leaves, treedef, log_scales)``: the flattened params (``MaskedNode`` kept as
+    leaves), their treedef, and a map from leaf index to that leaf's log scale.
+  """
+  chain = layers_lib.find_layers(params, layers)
+  named_leaves, treedef = layers_lib.flatten_with_names(params)
+  leaves = [leaf for _, leaf in named_leaves]
+  kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
+  log_in = log_gamma_in(kernels, biases, p)
+  log_out = log_gamma_out(kernels, p)
+  log_scales = {}
+  for l, layer in enumerate(chain):
+    log_scales[layer.kernel] = (2 / p) * (log_in[l][:, None] + log_out[l + 1][None, :])
+    if layer.bias is not None:
+      log_scales[layer.bias] = (2 / p) * log_out[l + 1]
+  return leaves, treedef, log_scales
+
+
+def path_scales(params: Any, p: float = 2.0, *, layers=None) -> Any:
+  """The path scale ``gamma_p(w, e)`` of every weight and bias (eq. 9).
+
+  .. math::
+
+    \\gamma_p(w, e) = \\Big(\\sum_{\\text{paths through } e}
+    \\prod_{e' \\neq e} |w_{e'}|^p\\Big)^{2/p},
+
+  computed with one forward and one backward pass of ``|W|^p`` products (Algorithm 1).
+  Path-SGD divides each gradient by its scale.
+
+  Args:
+    params: params pytree of a ReLU MLP (see ``path_normalize`` for the layouts).
+    p: the ``l_p`` path geometry, a number > 0.
+    layers: optional layer key paths from input to output (default: found).
+
+  Returns:
+    A pytree shaped like ``params``, in float32 or wider: scales beyond that range
+    read ``inf`` or ``0`` (``path_normalize`` divides by them without forming them).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_path
+    >>> params = {'Dense_0': {'kernel': jnp.array([[1., 2.]])},
+    ...           'Dense_1': {'kernel': jnp.array([[3.], [4.]])}}
+    >>> optax_path.path_scales(params)['Dense_0']['kernel']
+    Array([[ 9., 16.]], dtype=float32)
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
+    Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015, eq. 9.
+  """
+  p = validate_p(p)
+  leaves, treedef, log_scales = log_scale_leaves(params, p, layers)
+  scales = [jnp.exp(log_scales[i]) if i in log_scales else leaf for i, leaf in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, scales)
+
+
+def log_path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
+  """``log phi_p(w)``: finite even where ``phi_p`` is beyond the float range.
+
+  See ``path_norm``. Differentiable.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_path
+    >>> params = [{'kernel': jnp.full((3, 3), 1e30)}, {'kernel': jnp.full((3, 1), 1e30)}]
+    >>> round(float(optax_path.log_path_norm(params, p=2.0)), 3)  # log(3e60)
+    139.254
+  """
+  p = validate_p(p)
+  chain = layers_lib.find_layers(params, layers)
+  leaves = [leaf for _, leaf in layers_lib.flatten_with_names(params)[0]]
+  kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
+  return jax.nn.logsumexp(log_gamma_in(kernels, biases, p)[-1]) / p
+
+
+def path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
+  """The path regulariser ``phi_p(w)`` of eq. 5, rescaling-invariant and differentiable.
+
+  .. math::
+
+    \\phi_p(w) = \\Big(\\sum_{\\text{paths } v_{in}[i] \\to v_{out}[j]}
+    \\prod_k |w_{e_k}|^p\\Big)^{1/p} = \\Big(\\sum \\gamma_{in,L}\\Big)^{1/p},
+
+  where a bias starts paths of its own (from a bias unit). Add ``lam * path_norm(params)
+  ** p`` to a loss to regularise with it; use ``log_path_norm`` where ``phi_p`` may
+  exceed the float range.
+
+  Args:
+    params: params pytree of a ReLU MLP.
+    p: a number > 0.
+    layers: optional layer key paths from input to output (default: found).
+
+  Returns:
+    A scalar in float32 or wider.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_path
+    >>> params = {'Dense_0': {'kernel': jnp.array([[1., 2.]]), 'bias': jnp.array([1., 0.])},
+    ...           'Dense_1': {'kernel': jnp.array([[3.], [4.]])}}
+    >>> round(float(optax_path.path_norm(params, p=1.0)), 4)  # paths 1*3 + 2*4 + bias 1*3
+    14.0
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, eq. 5 and Lemma 3.1;
+    Neyshabur, Tomioka & Srebro, `Norm-Based Capacity Control in Neural Networks
+    <https://arxiv.org/abs/1503.00036>`_, COLT 2015.
+  """
+  return jnp.exp(log_path_norm(params, p, layers=layers))

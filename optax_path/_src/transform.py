@@ -1,0 +1,178 @@
+"""Path-normalisation as an Optax gradient transformation, and the Path-SGD chains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+from optax_path._src import layers as layers_lib
+from optax_path._src import numerics
+from optax_path._src import scales as scales_lib
+
+LayerSpecs = Sequence[layers_lib.LayerSpec] | None
+
+
+def _check_same_structure(updates, params):
+  update_leaves, update_def = layers_lib.flatten_with_names(updates)
+  param_def = layers_lib.flatten_with_names(params)[1]
+  if update_def != param_def:
+    raise ValueError(
+      'updates and params must have the same tree structure; got updates '
+      f'{update_def} and params {param_def}.'
+    )
+  return [leaf for _, leaf in update_leaves], update_def
+
+
+def normalize_updates(updates: Any, params: Any, p, layers: LayerSpecs) -> Any:
+  """``updates / path_scales(params)``, computed in the log domain (eq. 8)."""
+  update_leaves, treedef = _check_same_structure(updates, params)
+  _, _, log_scales = scales_lib.log_scale_leaves(params, p, layers)
+  normalized = [
+    numerics.divide_by_scale(leaf, log_scales[i]) if i in log_scales else leaf
+    for i, leaf in enumerate(update_leaves)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, normalized)
+
+
+def path_normalize(p: float = 2.0, *, layers: LayerSpecs = None) -> optax.GradientTransformation:
+  """Divides every gradient by its path scale: the Path-SGD direction (eq. 8).
+
+  .. math::
+
+    u_e = g_e / \\gamma_p(w, e), \\qquad
+    \\gamma_p(w, e) = \\Big(\\sum_{\\text{paths through } e}
+    \\prod_{e' \\neq e} |w_{e'}|^p\\Big)^{2/p},
+
+  with the scales computed from ``params`` by one forward and one backward pass of
+  ``|W|^p`` matrix-vector products (Algorithm 1). A bias is an edge from a bias unit.
+  Chained with ``optax.sgd`` this is Path-SGD, steepest descent in a geometry that is
+  invariant to rescaling the units of a ReLU network (Theorem 4.1).
+
+  ``params`` must be the params of a ReLU MLP: dense layers, each a node with a 2-D
+  ``kernel`` ``(in, out)`` and an optional ``bias`` ``(out,)`` (Flax Linen
+  ``Dense_0``..., names of one's own, ``layers_0``..., NNX ``nnx.Linear`` states and
+  ``nnx.List`` items), ordered by key path with numbers compared as numbers, or as
+  listed in ``layers``. Route any other leaves elsewhere with ``optax.partition`` or
+  ``optax.masked``.
+
+  Numerics: scales are computed in float32 or wider, as logarithms, so they are right
+  for the paper's unbalanced nets and for deep nets whose scales leave the float range;
+  the update is formed without forming the scale. A zero scale (a unit with no path
+  to the input or the output) gives a zero update, an update beyond the float range
+  the largest finite value; non-finite gradients pass through unchanged; updates keep
+  their dtype.
+
+  Args:
+    p: the ``l_p`` path geometry, a number > 0 (the paper uses 2). It drives no Python
+      control flow, so ``optax.inject_hyperparams`` may inject it.
+    layers: optional layer key paths from input to output, as ``'a/b'`` strings or
+      key sequences, when the order cannot be read from the names.
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_path
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> tx = optax.chain(optax_path.path_normalize(2.0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> loss = lambda q: jnp.sum(model.apply({'params': q}, jnp.ones((2, 4))) ** 2)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
+    Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015.
+  """
+  p = scales_lib.validate_p(p)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    return normalize_updates(updates, params, p, layers), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def path_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    p: float = 2.0,
+    *,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    layers: LayerSpecs = None,
+) -> optax.GradientTransformation:
+  """Path-SGD: ``optax.chain(path_normalize(p), optax.sgd(...))``.
+
+  .. math::
+
+    w_e \\leftarrow w_e - \\eta \\, \\frac{\\partial L / \\partial w_e}{\\gamma_p(w, e)}
+
+  With momentum, the normalised gradients are averaged; both forms are rescaling
+  invariant (Theorem 4.1).
+
+  Args:
+    learning_rate: a step size or an optax schedule.
+    p: the ``l_p`` path geometry, a number > 0.
+    momentum: optional momentum decay, as in ``optax.sgd``.
+    nesterov: Nesterov momentum, as in ``optax.sgd``.
+    layers: optional layer key paths from input to output.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_path
+    >>> params = {'Dense_0': {'kernel': jnp.ones((2, 3))}, 'Dense_1': {'kernel': jnp.ones((3, 1))}}
+    >>> tx = optax_path.path_sgd(0.1, momentum=0.9)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Algorithm 1.
+  """
+  return optax.chain(
+    path_normalize(p, layers=layers),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )
+
+
+def path_adagrad(
+    learning_rate: optax.ScalarOrSchedule,
+    p: float = 2.0,
+    *,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    layers: LayerSpecs = None,
+) -> optax.GradientTransformation:
+  """The paper's Path-AdaGrad: ``optax.chain(path_normalize(p), optax.adagrad(...))``.
+
+  AdaGrad applied to path-normalised gradients, as the paper suggests. It is not
+  rescaling invariant: AdaGrad divides away the factor by which a rescaling scales
+  the normalised gradients.
+
+  Args:
+    learning_rate: a step size or an optax schedule.
+    p: the ``l_p`` path geometry, a number > 0.
+    initial_accumulator_value: as in ``optax.adagrad``.
+    eps: as in ``optax.adagrad``.
+    layers: optional layer key paths from input to output.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Section 6.
+  """
+  return optax.chain(
+    path_normalize(p, layers=layers),
+    optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps),
+  )

@@ -1,0 +1,321 @@
+"""Outputs of a run: ``metrics.csv``, ``selection.csv``, ``figure.png``, ``summary.md``.
+
+``metrics.csv`` has one row per (method, init, epoch), epoch 0 being the initial net;
+``selection.csv`` one row per (method, step size) tried in the step-size search. The
+figure follows the paper's Figures 2 and 3: cross-entropy on the training set (log
+scale), 0/1 training error and 0/1 test error against epochs, a row per data set.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METRIC_COLUMNS = (
+    "dataset",
+    "method",
+    "init",
+    "dropout",
+    "learning_rate",
+    "epoch",
+    "train_loss",
+    "train_error",
+    "test_error",
+    "seconds",
+)
+SELECTION_COLUMNS = (
+    "dataset",
+    "method",
+    "init",
+    "alpha",
+    "learning_rate",
+    "best_val_error",
+    "best_epoch",
+    "final_val_error",
+    "diverged",
+    "chosen",
+)
+#: Columns of the figure: (metric, title, log-scale y).
+PANELS = (
+    ("train_loss", "cross-entropy (training)", True),
+    ("train_error", "0/1 training error", False),
+    ("test_error", "0/1 test error", False),
+)
+#: The Path-SGD curves from both inits must agree to this (Theorem 4.1).
+AGREEMENT_TOLERANCE = 1e-3
+#: Target test error of the summary: this times the best final test error.
+TARGET_FACTOR = 1.1
+_TEXT_COLUMNS = ("dataset", "method", "init")
+_INT_COLUMNS = ("epoch", "best_epoch", "chosen", "diverged")
+
+Row = dict[str, Any]
+
+
+def write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Row]) -> None:
+    """Writes rows (dicts) with the given columns; floats at full precision."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _format(row[k]) for k in columns} for row in rows)
+
+
+def _format(value: Any) -> Any:
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else value
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[Row]:
+    """Reads a CSV written by :func:`write_csv`, parsing numbers (``nan``/``inf`` too)."""
+    with open(path, newline="") as f:
+        return [{k: _parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(column: str, value: str) -> Any:
+    if column in _TEXT_COLUMNS:
+        return value
+    if column in _INT_COLUMNS:
+        return int(value)
+    return float(value)
+
+
+def group(rows: Iterable[Row], keys: Sequence[str]) -> dict[tuple, list[Row]]:
+    """Groups rows by the values of ``keys``, keeping first-seen order."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups
+
+
+def curve(rows: Sequence[Row], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(epochs, values)`` of one run's metric, sorted by epoch."""
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    return np.array([r["epoch"] for r in rows]), np.array([r[metric] for r in rows], float)
+
+
+def panel_title(dataset: str, dropout: float) -> str:
+    """Row label of the figure and heading of the summary."""
+    return dataset if not dropout else f"{dataset}, dropout {dropout:g}"
+
+
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """A fixed colour per method: registry order first, others after."""
+    from optax_path.experiments.training import METHODS
+
+    order = list(METHODS) + [m for m in dict.fromkeys(methods) if m not in METHODS]
+    return {m: f"C{i % 10}" for i, m in enumerate(order)}
+
+
+def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
+    """Draws the paper-style figure: a row per (data set, dropout), three metrics.
+
+    Same colour per method, solid for the balanced and dashed for the unbalanced init.
+    The error axes are cut at the highest balanced-init value after epoch 0, so that
+    (as in the paper) very poor unbalanced runs may leave the plot.
+
+    Args:
+      rows: Rows of ``metrics.csv`` (possibly of several runs).
+      path: Output image file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = group(rows, ("dataset", "dropout"))
+    colors = method_colors(r["method"] for r in rows)
+    fig, axes = plt.subplots(
+        len(datasets), 3, figsize=(14, 3.4 * len(datasets)), squeeze=False, layout="constrained"
+    )
+    for ax_row, ((dataset, dropout), drows) in zip(axes, datasets.items()):
+        for (method, init), run in group(drows, ("method", "init")).items():
+            style = dict(color=colors[method], ls="-" if init == "balanced" else "--")
+            for ax, (metric, _, _) in zip(ax_row, PANELS):
+                epochs, values = curve(run, metric)
+                values[~np.isfinite(values)] = np.nan
+                ax.plot(epochs, values, label=f"{method} ({init})", **style)
+        _style_row(ax_row, drows, panel_title(dataset, dropout))
+    axes[0, -1].legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _style_row(ax_row: Sequence[Any], rows: Sequence[Row], title: str) -> None:
+    for ax, (metric, label, log) in zip(ax_row, PANELS):
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if log:
+            ax.set_yscale("log")
+            continue
+        top = max(
+            (r[metric] for r in rows if r["init"] == "balanced" and r["epoch"] > 0
+             and math.isfinite(r[metric])),
+            default=1.0,
+        )
+        ax.set_ylim(0, min(1.0, 1.1 * top) or 1.0)
+    ax_row[0].set_ylabel(title)
+
+
+def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str]) -> dict:
+    """Largest absolute difference between two runs' curves, per metric.
+
+    Args:
+      a: One run's rows.
+      b: The other run's rows.
+      metrics: Columns to compare.
+
+    Returns:
+      ``{metric: max |a - b|}`` over common epochs; ``inf`` if the runs have different
+      lengths or one is NaN where the other is not; NaN-NaN and inf-inf count as equal.
+    """
+    out = {}
+    for metric in metrics:
+        (ea, va), (eb, vb) = curve(a, metric), curve(b, metric)
+        if len(ea) != len(eb) or not np.array_equal(ea, eb):
+            out[metric] = math.inf
+            continue
+        same = (va == vb) | (np.isnan(va) & np.isnan(vb))
+        diff = np.where(same, 0.0, np.abs(va - vb))
+        out[metric] = float(np.nan_to_num(diff, nan=math.inf).max(initial=0.0))
+    return out
+
+
+def path_sgd_agreement(rows: Sequence[Row], method: str = "path-sgd") -> dict | None:
+    """Max difference between the balanced and unbalanced runs of ``method``.
+
+    Returns:
+      ``{metric: difference}`` for the metrics of :data:`PANELS`, or None if one of the
+      two runs is missing.
+    """
+    runs = group((r for r in rows if r["method"] == method), ("init",))
+    if ("balanced",) not in runs or ("unbalanced",) not in runs:
+        return None
+    metrics = [m for m, _, _ in PANELS]
+    return max_abs_difference(runs[("balanced",)], runs[("unbalanced",)], metrics)
+
+
+def _fmt(value: float, spec: str = ".4f") -> str:
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def run_table(rows: Sequence[Row]) -> tuple[list[str], float]:
+    """The summary table of one data set (markdown lines) and its target test error."""
+    runs = group(rows, ("method", "init"))
+    finals = [sorted(r, key=lambda x: x["epoch"])[-1]["test_error"] for r in runs.values()]
+    finite = [e for e in finals if math.isfinite(e)]
+    target = TARGET_FACTOR * min(finite) if finite else math.nan
+    lines = [
+        "| method | init | step size | final train loss | final train error "
+        "| final test error | best test error (epoch) | epochs to target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, init), run in runs.items():
+        lines.append(_table_line(method, init, sorted(run, key=lambda x: x["epoch"]), target))
+    return lines, target
+
+
+def _table_line(method: str, init: str, run: Sequence[Row], target: float) -> str:
+    last = run[-1]
+    errors = np.array([r["test_error"] for r in run], float)
+    ok = np.isfinite(errors)
+    best = f"{errors[ok].min():.4f} ({int(np.flatnonzero(errors == errors[ok].min())[0])})" \
+        if ok.any() else "nan"
+    reached = np.flatnonzero(ok & (errors <= target))
+    to_target = str(int(run[reached[0]]["epoch"])) if reached.size else "not reached"
+    final_test = _fmt(last["test_error"])
+    if not math.isfinite(last["train_loss"]):
+        final_test += f" (diverged, epoch {last['epoch']})"
+    return (
+        f"| {method} | {init} | {last['learning_rate']:.0e} | {_fmt(last['train_loss'], '.4g')} "
+        f"| {_fmt(last['train_error'])} | {final_test} | {best} | {to_target} |"
+    )
+
+
+def agreement_line(rows: Sequence[Row]) -> str | None:
+    """The summary sentence on the Path-SGD balanced/unbalanced check, if both ran."""
+    diff = path_sgd_agreement(rows)
+    if diff is None:
+        return None
+    worst = max(diff.values())
+    verdict = (
+        f"agree (all < {AGREEMENT_TOLERANCE:g})" if worst < AGREEMENT_TOLERANCE
+        else f"DIFFER (tolerance {AGREEMENT_TOLERANCE:g})"
+    )
+    parts = ", ".join(f"{m} {v:.2e}" for m, v in diff.items())
+    return (
+        "Path-SGD balanced vs unbalanced init (Theorem 4.1: identical curves), largest "
+        f"absolute difference over epochs: {parts}: {verdict}."
+    )
+
+
+def summary_markdown(
+    rows: Sequence[Row], selection: Sequence[Row] = (), preamble: Sequence[str] = ()
+) -> str:
+    """The text of ``summary.md``.
+
+    Args:
+      rows: Rows of ``metrics.csv``.
+      selection: Rows of ``selection.csv`` (may be empty).
+      preamble: Lines put first (the settings of the run).
+
+    Returns:
+      Markdown: per (data set, dropout), a table of the runs, the target test error
+      and the Path-SGD agreement check; then the chosen step sizes.
+    """
+    lines = ["# Path-SGD vs SGD vs AdaGrad (paper Section 5)", "", *preamble]
+    for (dataset, dropout), drows in group(rows, ("dataset", "dropout")).items():
+        table, target = run_table(drows)
+        lines += ["", f"## {panel_title(dataset, dropout)}", "", *table, ""]
+        lines.append(
+            f"Epochs to target: first epoch with test error <= {_fmt(target)} "
+            f"({TARGET_FACTOR:g} x the best final test error of all runs above). "
+            "Best test error: lowest over epochs (first epoch reaching it)."
+        )
+        agreement = agreement_line(drows)
+        if agreement:
+            lines += ["", agreement]
+    lines += selection_lines(selection)
+    return "\n".join(lines) + "\n"
+
+
+def selection_lines(selection: Sequence[Row]) -> list[str]:
+    """Markdown lines listing the chosen step sizes of the search."""
+    chosen = [r for r in selection if r["chosen"]]
+    if not chosen:
+        return []
+    lines = ["", "## Step-size search", ""]
+    for r in chosen:
+        lines.append(
+            f"- {r['dataset']}, {r['method']} ({r['init']} init): step 10^-{r['alpha']:g} "
+            f"(validation error {_fmt(r['best_val_error'])} first reached at epoch "
+            f"{r['best_epoch']})"
+        )
+    return lines
+
+
+def write_summary(
+    path: str | os.PathLike[str],
+    rows: Sequence[Row],
+    selection: Sequence[Row] = (),
+    preamble: Sequence[str] = (),
+) -> None:
+    """Writes ``summary.md`` (see :func:`summary_markdown`)."""
+    with open(path, "w") as f:
+        f.write(summary_markdown(rows, selection, preamble))
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[Row], list[Row]]:
+    """Reads ``metrics.csv`` and (if present) ``selection.csv`` of a run directory."""
+    metrics = read_csv(os.path.join(run_dir, "metrics.csv"))
+    selection_path = os.path.join(run_dir, "selection.csv")
+    selection = read_csv(selection_path) if os.path.exists(selection_path) else []
+    return metrics, selection
+
+
+def as_rows(items: Iterable[Mapping[str, Any]]) -> list[Row]:
+    """Copies mappings into plain dict rows."""
+    return [dict(item) for item in items]
