@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_path._src import layers as layers_lib
+from optax_path._src.numerics import compute_dtype
 
 
 class _Net:
@@ -192,8 +193,9 @@ def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
   net = _Net(params, layers)
   for l in range(len(net.chain) - 1):
     layer = net.chain[l]
-    incoming = net.leaves[layer.kernel].astype(jnp.float32)
+    dtype = compute_dtype(net.leaves[layer.kernel].dtype)
+    incoming = net.leaves[layer.kernel].astype(dtype)
     if layer.bias is not None:
-      incoming = jnp.concatenate([incoming, net.leaves[layer.bias].astype(jnp.float32)[None]])
+      incoming = jnp.concatenate([incoming, net.leaves[layer.bias].astype(dtype)[None]])
     net.scale_units(l, 1 / _p_norm(incoming, p))
   return net.tree()

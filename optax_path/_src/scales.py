@@ -75,6 +75,25 @@ def log_gamma_out(kernels, p) -> list[jax.Array]:
   return log_out[::-1]
 
 
+def _compiled_for_concrete_p(fn):
+  """``fn(..., p)``, compiled once per shape and ``p`` when ``p`` is a float.
+
+  Called eagerly, the passes would dispatch (and compile) dozens of small ops one by
+  one; inside an outer ``jit`` the inner one is inlined, and a traced ``p`` (from
+  ``optax.inject_hyperparams``) takes the uncompiled path.
+  """
+  compiled = jax.jit(fn, static_argnames='p')
+
+  def wrapped(*args, p):
+    return compiled(*args, p=p) if isinstance(p, float) else fn(*args, p=p)
+
+  return wrapped
+
+
+_log_gamma_in = _compiled_for_concrete_p(log_gamma_in)
+_log_gamma_out = _compiled_for_concrete_p(log_gamma_out)
+
+
 def log_scale_leaves(
     params: Any, p: numerics.Exponent, layers: Sequence[layers_lib.LayerSpec] | None
 ) -> tuple[list[Any], Any, dict[int, jax.Array]]:
@@ -88,8 +107,7 @@ def log_scale_leaves(
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
   kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
-  log_in = log_gamma_in(kernels, biases, p)
-  log_out = log_gamma_out(kernels, p)
+  log_in, log_out = _log_gamma_in(kernels, biases, p=p), _log_gamma_out(kernels, p=p)
   log_scales = {}
   for l, layer in enumerate(chain):
     log_scales[layer.kernel] = (2 / p) * (log_in[l][:, None] + log_out[l + 1][None, :])
@@ -150,7 +168,7 @@ def log_path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
   chain = layers_lib.find_layers(params, layers)
   leaves = [leaf for _, leaf in layers_lib.flatten_with_names(params)[0]]
   kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
-  return jax.nn.logsumexp(log_gamma_in(kernels, biases, p)[-1]) / p
+  return jax.nn.logsumexp(_log_gamma_in(kernels, biases, p=p)[-1]) / p
 
 
 def path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:

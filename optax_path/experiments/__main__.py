@@ -62,6 +62,7 @@ class Config:
     alphas: tuple[float, ...]
     learning_rates: dict[str, float]
     search_init: str
+    dtype: str
     out: str
     quiet: bool
 
@@ -148,6 +149,11 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the paper's settings: --hidden 4000 4000 --batch-size 100 --epochs 100 "
                    "--search-epochs 100 --alphas 0..10 --unbalanced-units 2000 (explicit "
                    "options still win)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="floating-point precision (default: float64, as the paper's "
+                   "computations; the Path-SGD balanced/unbalanced curves then agree to "
+                   "rounding, while in float32 chaotic training can amplify rounding "
+                   "differences to ~1e-2)")
     p.add_argument("--out", help="output directory (default: runs/<dataset>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -213,7 +219,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
         batch_size=_pick(args, "batch_size"), dropout=args.dropout, seed=args.seed,
         methods=tuple(dict.fromkeys(args.methods)), inits=tuple(dict.fromkeys(args.inits)),
         unbalanced_units=units, alphas=tuple(_pick(args, "alphas")), learning_rates=lrs,
-        search_init=args.search_init, out=args.out or os.path.join("runs", args.dataset),
+        search_init=args.search_init, dtype=args.dtype, out=args.out or os.path.join("runs", args.dataset),
         quiet=args.quiet,
     )
     check_config(config, parser)
@@ -247,11 +253,12 @@ class Experiment:
         self.dataset = dataset
         self.model = MLP(config.hidden, dataset.num_classes, config.dropout)
         self.evaluate = make_evaluate(self.model)
-        self.train_split = to_device(dataset.train_images, dataset.train_labels)
-        self.test_split = to_device(dataset.test_images, dataset.test_labels)
-        fit, val = selection.split_validation(len(dataset.train_labels), config.seed)
-        self.search_split = to_device(dataset.train_images[fit], dataset.train_labels[fit])
-        self.val_split = to_device(dataset.train_images[val], dataset.train_labels[val])
+        images, labels, dtype = dataset.train_images, dataset.train_labels, config.dtype
+        self.train_split = to_device(images, labels, dtype)
+        self.test_split = to_device(dataset.test_images, dataset.test_labels, dtype)
+        fit, val = selection.split_validation(len(labels), config.seed)
+        self.search_split = to_device(images[fit], labels[fit], dtype)
+        self.val_split = to_device(images[val], labels[val], dtype)
         self.params = initial_params(config, self.model, dataset.train_images.shape[1:])
 
     def spec(self, train_epoch, search: bool) -> RunSpec:
@@ -269,7 +276,8 @@ class Experiment:
 def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> dict:
     """The balanced and (if asked for) unbalanced initial parameters, by init name."""
     key_init, key_unbalance = jax.random.split(jax.random.key(config.seed))
-    params = {"balanced": init_params(model, key_init, input_shape)}
+    balanced = init_params(model, key_init, input_shape)
+    params = {"balanced": jax.tree.map(lambda x: x.astype(config.dtype), balanced)}
     if "unbalanced" in config.inits:
         import optax_path
 
@@ -293,9 +301,10 @@ def search_method(exp: Experiment, method: str, tx, train_epoch, init: str) -> l
 
     candidates, chosen = selection.search(run, exp.config.alphas)
     return [
-        dict(dataset=exp.dataset.name, method=method, init=init, **c._asdict(),
-             best_val_error=c.best_error, final_val_error=c.final_error,
-             chosen=int(c is chosen), diverged=int(c.diverged))
+        dict(dataset=exp.dataset.name, method=method, init=init, alpha=c.alpha,
+             learning_rate=c.learning_rate, best_val_error=c.best_error,
+             best_epoch=c.best_epoch, final_val_error=c.final_error,
+             diverged=int(c.diverged), chosen=int(c is chosen))
         for c in candidates
     ]
 
@@ -346,7 +355,7 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
     return [
         f"Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. "
         f"ReLU MLP, hidden layers {_show(config.hidden)}, batch {config.batch_size}, "
-        f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}. "
+        f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. "
         f"Unbalanced init: {config.unbalanced_units} hidden units rescaled.",
         "",
         f"Step sizes 10^-alpha, alpha in {{{_show(config.alphas)}}}, chosen {search}: "
@@ -361,6 +370,17 @@ def reproduce(config: Config) -> None:
     """Runs the experiment and writes its four outputs to ``config.out``."""
     start = time.perf_counter()
     dataset = data.load_dataset(config.dataset, config.data_dir)
+    with jax.enable_x64(config.dtype == "float64"):
+        metrics, chosen = run_all(config, dataset)
+    report.plot(metrics, os.path.join(config.out, "figure.png"))
+    lines = preamble(config, dataset, time.perf_counter() - start)
+    report.write_summary(os.path.join(config.out, "summary.md"), metrics, chosen, lines)
+    if not config.quiet:
+        print(f"Wrote metrics.csv, selection.csv, figure.png, summary.md to {config.out}")
+
+
+def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
+    """Runs every method, rewriting the two CSV files after each; returns their rows."""
     exp = Experiment(config, dataset)
     os.makedirs(config.out, exist_ok=True)
     metrics, chosen = [], []
@@ -369,11 +389,7 @@ def reproduce(config: Config) -> None:
         metrics, chosen = metrics + rows, chosen + sel
         report.write_csv(os.path.join(config.out, "metrics.csv"), report.METRIC_COLUMNS, metrics)
         report.write_csv(os.path.join(config.out, "selection.csv"), report.SELECTION_COLUMNS, chosen)
-    report.plot(metrics, os.path.join(config.out, "figure.png"))
-    lines = preamble(config, dataset, time.perf_counter() - start)
-    report.write_summary(os.path.join(config.out, "summary.md"), metrics, chosen, lines)
-    if not config.quiet:
-        print(f"Wrote metrics.csv, selection.csv, figure.png, summary.md to {config.out}")
+    return metrics, chosen
 
 
 def plot_command(args: argparse.Namespace) -> None:
