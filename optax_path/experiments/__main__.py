@@ -281,9 +281,8 @@ def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> di
     if "unbalanced" in config.inits:
         import optax_path
 
-        params["unbalanced"] = optax_path.unbalance(
-            key_unbalance, params["balanced"], config.unbalanced_units
-        )
+        unbalance = jax.jit(optax_path.unbalance, static_argnums=2)
+        params["unbalanced"] = unbalance(key_unbalance, params["balanced"], config.unbalanced_units)
     return params
 
 

@@ -87,4 +87,4 @@ def init_params(model: MLP, key: jax.Array, input_shape: Sequence[int]) -> dict:
       The ``params`` collection.
     """
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    return model.init(key, dummy)["params"]
+    return jax.jit(model.init)(key, dummy)["params"]
