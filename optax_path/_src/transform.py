@@ -14,6 +14,11 @@ from optax_path._src import scales as scales_lib
 
 LayerSpecs = Sequence[layers_lib.LayerSpec] | None
 
+NO_PARAMS_MSG = (
+  'path_normalize requires the current value of parameters, to compute the path scales: '
+  'call update(updates, state, params).'
+)
+
 
 def _check_same_structure(updates, params):
   update_leaves, update_def = layers_lib.flatten_with_names(updates)
@@ -97,7 +102,7 @@ def path_normalize(p: float = 2.0, *, layers: LayerSpecs = None) -> optax.Gradie
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS_MSG)
     return normalize_updates(updates, params, p, layers), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,8 +113,8 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     """Draws the paper-style figure: a row per (data set, dropout), three metrics.
 
     Same colour per method, solid for the balanced and dashed for the unbalanced init.
-    The error axes are cut at the highest balanced-init value after epoch 0, so that
-    (as in the paper) very poor unbalanced runs may leave the plot.
+    The axes are fitted to the balanced-init curves (the error axes after epoch 0), so
+    that, as in the paper, very poor unbalanced runs may leave the plot.
 
     Args:
       rows: Rows of ``metrics.csv`` (possibly of several runs).
@@ -132,7 +132,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     )
     for ax_row, ((dataset, dropout), drows) in zip(axes, datasets.items()):
         for (method, init), run in group(drows, ("method", "init")).items():
-            style = dict(color=colors[method], ls="-" if init == "balanced" else "--")
+            style = _line_style(colors[method], init)
             for ax, (metric, _, _) in zip(ax_row, PANELS):
                 epochs, values = curve(run, metric)
                 values[~np.isfinite(values)] = np.nan
@@ -143,21 +143,35 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+def _line_style(color: str, init: str) -> dict[str, Any]:
+    """Solid (wide, so that a coinciding dashed curve shows) or dashed."""
+    if init == "balanced":
+        return dict(color=color, ls="-", lw=2.4, alpha=0.55)
+    return dict(color=color, ls="--", lw=1.3)
+
+
 def _style_row(ax_row: Sequence[Any], rows: Sequence[Row], title: str) -> None:
     for ax, (metric, label, log) in zip(ax_row, PANELS):
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        values = _balanced_values(rows, metric, first_epoch=0 if log else 1)
         if log:
             ax.set_yscale("log")
-            continue
-        top = max(
-            (r[metric] for r in rows if r["init"] == "balanced" and r["epoch"] > 0
-             and math.isfinite(r[metric])),
-            default=1.0,
-        )
-        ax.set_ylim(0, min(1.0, 1.1 * top) or 1.0)
+            if values.size and values.min() > 0:
+                ax.set_ylim(0.5 * values.min(), 2.0 * values.max())
+        elif values.size:
+            ax.set_ylim(0, min(1.0, 1.1 * values.max()) or 1.0)
     ax_row[0].set_ylabel(title)
+
+
+def _balanced_values(rows: Sequence[Row], metric: str, first_epoch: int) -> np.ndarray:
+    """Finite values of the balanced-init runs from ``first_epoch`` on (the axis range)."""
+    values = np.array(
+        [r[metric] for r in rows if r["init"] == "balanced" and r["epoch"] >= first_epoch],
+        float,
+    )
+    return values[np.isfinite(values)]
 
 
 def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str]) -> dict:
@@ -315,7 +329,3 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[Row], list[Row]]:
     selection = read_csv(selection_path) if os.path.exists(selection_path) else []
     return metrics, selection
 
-
-def as_rows(items: Iterable[Mapping[str, Any]]) -> list[Row]:
-    """Copies mappings into plain dict rows."""
-    return [dict(item) for item in items]
