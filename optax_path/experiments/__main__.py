@@ -393,10 +393,7 @@ def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dic
 
 def plot_command(args: argparse.Namespace) -> None:
     """Combines run directories into one figure (and optionally one summary)."""
-    metrics, chosen = [], []
-    for run_dir in args.run_dirs:
-        rows, sel = report.load_run(run_dir)
-        metrics, chosen = metrics + rows, chosen + sel
+    metrics, chosen = report.combine_runs({d: report.load_run(d) for d in args.run_dirs})
     report.plot(metrics, args.out)
     if args.summary:
         report.write_summary(args.summary, metrics, chosen, [f"Runs: {', '.join(args.run_dirs)}."])

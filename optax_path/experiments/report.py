@@ -83,11 +83,23 @@ def _parse(column: str, value: str) -> Any:
 
 
 def group(rows: Iterable[Row], keys: Sequence[str]) -> dict[tuple, list[Row]]:
-    """Groups rows by the values of ``keys``, keeping first-seen order."""
+    """Groups rows by the values of ``keys`` (missing: ``""``), keeping first-seen order."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+        groups.setdefault(tuple(row.get(k, "") for k in keys), []).append(row)
     return groups
+
+
+def experiments(rows: Iterable[Row]) -> dict[str, list[Row]]:
+    """Splits rows into experiments (a figure row, a summary section each), by title.
+
+    An experiment is a (data set, dropout) pair, and also a run directory when rows carry
+    a ``run`` key (as the ``plot`` command adds when combining directories).
+    """
+    return {
+        panel_title(dataset, dropout, run): rows
+        for (run, dataset, dropout), rows in group(rows, ("run", "dataset", "dropout")).items()
+    }
 
 
 def curve(rows: Sequence[Row], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +108,10 @@ def curve(rows: Sequence[Row], metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["epoch"] for r in rows]), np.array([r[metric] for r in rows], float)
 
 
-def panel_title(dataset: str, dropout: float) -> str:
+def panel_title(dataset: str, dropout: float, run: str = "") -> str:
     """Row label of the figure and heading of the summary."""
-    return dataset if not dropout else f"{dataset}, dropout {dropout:g}"
+    title = dataset if not dropout else f"{dataset}, dropout {dropout:g}"
+    return f"{title} ({run})" if run else title
 
 
 def method_colors(methods: Iterable[str]) -> dict[str, str]:
@@ -125,19 +138,19 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = group(rows, ("dataset", "dropout"))
+    datasets = experiments(rows)
     colors = method_colors(r["method"] for r in rows)
     fig, axes = plt.subplots(
         len(datasets), 3, figsize=(14, 3.4 * len(datasets)), squeeze=False, layout="constrained"
     )
-    for ax_row, ((dataset, dropout), drows) in zip(axes, datasets.items()):
+    for ax_row, (title, drows) in zip(axes, datasets.items()):
         for (method, init), run in group(drows, ("method", "init")).items():
             style = _line_style(colors[method], init)
             for ax, (metric, _, _) in zip(ax_row, PANELS):
                 epochs, values = curve(run, metric)
                 values[~np.isfinite(values)] = np.nan
                 ax.plot(epochs, values, label=f"{method} ({init})", **style)
-        _style_row(ax_row, drows, panel_title(dataset, dropout))
+        _style_row(ax_row, drows, title)
     axes[0, -1].legend(fontsize="small")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -281,9 +294,9 @@ def summary_markdown(
       and the Path-SGD agreement check; then the chosen step sizes.
     """
     lines = ["# Path-SGD vs SGD vs AdaGrad (paper Section 5)", "", *preamble]
-    for (dataset, dropout), drows in group(rows, ("dataset", "dropout")).items():
+    for title, drows in experiments(rows).items():
         table, target = run_table(drows)
-        lines += ["", f"## {panel_title(dataset, dropout)}", "", *table, ""]
+        lines += ["", f"## {title}", "", *table, ""]
         lines.append(
             f"Epochs to target: first epoch with test error <= {_fmt(target)} "
             f"({TARGET_FACTOR:g} x the best final test error of all runs above). "
@@ -303,10 +316,12 @@ def selection_lines(selection: Sequence[Row]) -> list[str]:
         return []
     lines = ["", "## Step-size search", ""]
     for r in chosen:
+        where = f"{r['dataset']} ({r['run']})" if r.get("run") else r["dataset"]
         lines.append(
-            f"- {r['dataset']}, {r['method']} ({r['init']} init): step 10^-{r['alpha']:g} "
-            f"(validation error {_fmt(r['best_val_error'])} first reached at epoch "
-            f"{r['best_epoch']})"
+            f"- {where}, {r['method']} ({r['init']} init): step {r['learning_rate']:.0e} "
+            f"(alpha {r['alpha']:g}), "
+            f"validation error {_fmt(r['best_val_error'])} first reached at epoch "
+            f"{r['best_epoch']}"
         )
     return lines
 
@@ -320,6 +335,29 @@ def write_summary(
     """Writes ``summary.md`` (see :func:`summary_markdown`)."""
     with open(path, "w") as f:
         f.write(summary_markdown(rows, selection, preamble))
+
+
+def combine_runs(runs: dict[str, tuple[list[Row], list[Row]]]) -> tuple[list[Row], list[Row]]:
+    """Concatenates the rows of several run directories.
+
+    Args:
+      runs: ``{run directory: (metrics rows, selection rows)}``.
+
+    Returns:
+      ``(metrics rows, selection rows)``; the rows of a run whose (data set, dropout)
+      another run shares get a ``run`` key, so that they stay apart.
+    """
+    counts: dict[tuple, int] = {}
+    for metrics, _ in runs.values():
+        for key in group(metrics, ("dataset", "dropout")):
+            counts[key] = counts.get(key, 0) + 1
+    all_metrics, all_selection = [], []
+    for run, (metrics, selection) in runs.items():
+        shared = any(counts[key] > 1 for key in group(metrics, ("dataset", "dropout")))
+        tag = {"run": run} if shared else {}
+        all_metrics += [{**row, **tag} for row in metrics]
+        all_selection += [{**row, **tag} for row in selection]
+    return all_metrics, all_selection
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[Row], list[Row]]:

@@ -1,0 +1,147 @@
+"""path_normalize in Optax and Flax machinery: jit, chain, inject_hyperparams, partition,
+masked, MultiSteps, TrainState and nnx.Optimizer, each against the plain formula."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+
+import optax_path
+
+LR = 0.1
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(8)(x))
+    x = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(3)(x)
+
+
+MODEL = MLP()
+X = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+PARAMS = MODEL.init(jax.random.key(0), X)['params']
+
+
+def loss(params, x=X):
+  return jnp.mean(MODEL.apply({'params': params}, x) ** 2)
+
+
+GRADS = jax.grad(loss)(PARAMS)
+
+
+def expected_step(params, grads, lr=LR):
+  scales = optax_path.path_scales(params)
+  return jax.tree.map(lambda w, g, s: w - lr * g / s, params, grads, scales)
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7)
+
+
+def test_jit_compiles_once():
+  tx = optax_path.path_sgd(LR)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(PARAMS)
+  params, state = step(PARAMS, state)
+  assert_trees_close(params, expected_step(PARAMS, GRADS))
+  params, state = step(params, state)
+  assert step._cache_size() == 1
+
+
+def test_inject_hyperparams_with_p_injected_or_static():
+  for tx in (optax.inject_hyperparams(optax_path.path_sgd)(learning_rate=LR),
+             optax.inject_hyperparams(optax_path.path_sgd, static_args=('p',))(learning_rate=LR)):
+    state = tx.init(PARAMS)
+    updates, state = jax.jit(tx.update)(GRADS, state, PARAMS)
+    assert_trees_close(optax.apply_updates(PARAMS, updates), expected_step(PARAMS, GRADS))
+    state.hyperparams['learning_rate'] = jnp.asarray(LR / 2)
+    updates, _ = jax.jit(tx.update)(GRADS, state, PARAMS)
+    assert_trees_close(optax.apply_updates(PARAMS, updates), expected_step(PARAMS, GRADS, LR / 2))
+
+
+def test_partition_routes_other_leaves_elsewhere():
+  params = {'mlp': PARAMS, 'embedding': jnp.ones((5, 4))}
+  grads = {'mlp': GRADS, 'embedding': jnp.full((5, 4), 0.5)}
+  labels = {'mlp': jax.tree.map(lambda _: 'path', PARAMS), 'embedding': 'sgd'}
+  tx = optax.partition({'path': optax_path.path_sgd(LR), 'sgd': optax.sgd(1.0)}, labels)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert_trees_close(new['mlp'], expected_step(PARAMS, GRADS))
+  np.testing.assert_allclose(new['embedding'], 0.5)
+
+
+def test_masked_skips_masked_leaves():
+  params = {'mlp': PARAMS, 'norm': {'scale': jnp.ones(3)}}
+  grads = {'mlp': GRADS, 'norm': {'scale': jnp.ones(3)}}
+  mask = {'mlp': jax.tree.map(lambda _: True, PARAMS), 'norm': {'scale': False}}
+  tx = optax.chain(optax.masked(optax_path.path_normalize(), mask), optax.sgd(LR))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert_trees_close(new['mlp'], expected_step(PARAMS, GRADS))
+  np.testing.assert_allclose(new['norm']['scale'], 1 - LR)
+
+
+def test_multi_steps_averages_then_normalizes():
+  tx = optax.MultiSteps(optax_path.path_sgd(LR), every_k_schedule=2)
+  state = tx.init(PARAMS)
+  grads_b = jax.tree.map(lambda g: 3 * g, GRADS)
+  update = jax.jit(tx.update)
+  updates, state = update(GRADS, state, PARAMS)
+  assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates))
+  updates, state = update(grads_b, state, PARAMS)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, GRADS, grads_b)
+  assert_trees_close(optax.apply_updates(PARAMS, updates), expected_step(PARAMS, mean))
+
+
+def test_flax_train_state():
+  state = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS,
+                                        tx=optax_path.path_sgd(LR, momentum=0.9))
+  state = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(loss)(s.params)))(state)
+  assert_trees_close(state.params, expected_step(PARAMS, GRADS))
+
+
+class NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs),
+                            nnx.Linear(8, 3, rngs=rngs)])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = nnx.relu(layer(x))
+    return self.layers[-1](x)
+
+
+def test_nnx_optimizer():
+  model = NNXMLP(nnx.Rngs(0))
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, optax_path.path_sgd(LR), wrt=nnx.Param)
+  nnx_loss = lambda m: jnp.mean(m(X) ** 2)
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(nnx_loss)(model))
+
+  step(model, optimizer)
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  grads = nnx.to_pure_dict(nnx.grad(nnx_loss)(NNXMLP(nnx.Rngs(0))))
+  assert_trees_close(after, expected_step(before, grads))
+
+
+def test_path_adagrad_is_the_chain_and_schedules_work():
+  schedule = optax.linear_schedule(LR, 0.0, 10)
+  tx = optax_path.path_adagrad(schedule)
+  reference = optax.chain(optax_path.path_normalize(), optax.adagrad(schedule))
+  a, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+  b, _ = reference.update(GRADS, reference.init(PARAMS), PARAMS)
+  assert_trees_close(a, b, rtol=1e-6)
