@@ -13,7 +13,7 @@ ulps wherever the true value lies, representable or not.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,26 @@ Exponent = Union[float, jax.Array]
 
 LN2 = math.log(2.0)
 _NO_EXPONENT = -(2**30)  # exponent of 0: below every real exponent, yet no int32 overflow
+
+
+def validate_p(p: Any) -> Exponent:
+  """Checks that ``p`` is a finite number > 0; returns it as a float when concrete.
+
+  A traced ``p`` (as ``optax.inject_hyperparams`` makes it inside a jitted update) is
+  returned as it is: it was checked when the transformation was built.
+  """
+  try:
+    value = float(p)
+  except jax.errors.ConcretizationTypeError:
+    return p
+  except (TypeError, ValueError):
+    raise ValueError(f'p must be a number > 0, got {p!r}.') from None
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(
+      f'p must be a finite number > 0, got {p!r}. (p = inf, the max-norm geometry, is '
+      'not supported; a large finite p such as 20 approximates it.)'
+    )
+  return value
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_path._src import layers as layers_lib
-from optax_path._src.numerics import compute_dtype
+from optax_path._src.numerics import compute_dtype, validate_p
 
 
 class _Net:
@@ -187,8 +187,6 @@ def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
     >>> optax_path.rebalance(params)[1]['kernel']
     Array([[5.]], dtype=float32)
   """
-  from optax_path._src.scales import validate_p  # noqa: PLC0415  (avoids an import cycle)
-
   p = validate_p(p)
   net = _Net(params, layers)
   for l in range(len(net.chain) - 1):

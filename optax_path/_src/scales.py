@@ -18,7 +18,6 @@ or underflows, however deep or unbalanced the network.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,26 +26,6 @@ import jax.numpy as jnp
 
 from optax_path._src import layers as layers_lib
 from optax_path._src import numerics
-
-
-def validate_p(p: Any) -> numerics.Exponent:
-  """Checks that ``p`` is a finite number > 0; returns it as a float when concrete.
-
-  A traced ``p`` (as ``optax.inject_hyperparams`` makes it inside a jitted update) is
-  returned as it is: it was checked when the transformation was built.
-  """
-  try:
-    value = float(p)
-  except jax.errors.ConcretizationTypeError:
-    return p
-  except (TypeError, ValueError):
-    raise ValueError(f'p must be a number > 0, got {p!r}.') from None
-  if not (math.isfinite(value) and value > 0):
-    raise ValueError(
-      f'p must be a finite number > 0, got {p!r}. (p = inf, the max-norm geometry, is '
-      'not supported; a large finite p such as 20 approximates it.)'
-    )
-  return value
 
 
 def _layer_arrays(leaves, chain, dtype):
@@ -94,15 +73,35 @@ _log_gamma_in = _compiled_for_concrete_p(log_gamma_in)
 _log_gamma_out = _compiled_for_concrete_p(log_gamma_out)
 
 
+def check_mode(layers, apply_fn, input_shape) -> None:
+  """Either the MLP mode (``layers`` optional) or the general one (both of the others)."""
+  if (apply_fn is None) != (input_shape is None):
+    raise ValueError(
+      'The general mode needs both apply_fn and input_shape (the shape of one input, '
+      f'without the batch axis); got apply_fn={apply_fn!r}, input_shape={input_shape!r}.'
+    )
+  if apply_fn is not None and layers is not None:
+    raise ValueError('Pass layers= (MLP mode) or apply_fn= and input_shape= (general mode), '
+                     'not both.')
+
+
 def log_scale_leaves(
-    params: Any, p: numerics.Exponent, layers: Sequence[layers_lib.LayerSpec] | None
+    params: Any,
+    p: numerics.Exponent,
+    layers: Sequence[layers_lib.LayerSpec] | None = None,
+    apply_fn=None,
+    input_shape=None,
 ) -> tuple[list[Any], Any, dict[int, jax.Array]]:
-  """The log path scale of every kernel and bias leaf.
+  """The log path scale of every leaf that has one.
 
   Returns:
     ``(leaves, treedef, log_scales)``: the flattened params (``MaskedNode`` kept as
     leaves), their treedef, and a map from leaf index to that leaf's log scale.
   """
+  if apply_fn is not None:
+    from optax_path._src import general  # noqa: PLC0415
+
+    return general.log_scale_leaves(params, p, apply_fn, input_shape)
   chain = layers_lib.find_layers(params, layers)
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
@@ -116,7 +115,9 @@ def log_scale_leaves(
   return leaves, treedef, log_scales
 
 
-def path_scales(params: Any, p: float = 2.0, *, layers=None) -> Any:
+def path_scales(
+    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+) -> Any:
   """The path scale ``gamma_p(w, e)`` of every weight and bias (eq. 9).
 
   .. math::
@@ -147,13 +148,16 @@ def path_scales(params: Any, p: float = 2.0, *, layers=None) -> Any:
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
     Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015, eq. 9.
   """
-  p = validate_p(p)
-  leaves, treedef, log_scales = log_scale_leaves(params, p, layers)
+  p = numerics.validate_p(p)
+  check_mode(layers, apply_fn, input_shape)
+  leaves, treedef, log_scales = log_scale_leaves(params, p, layers, apply_fn, input_shape)
   scales = [jnp.exp(log_scales[i]) if i in log_scales else leaf for i, leaf in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, scales)
 
 
-def log_path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
+def log_path_norm(
+    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+) -> jax.Array:
   """``log phi_p(w)``: finite even where ``phi_p`` is beyond the float range.
 
   See ``path_norm``. Differentiable.
@@ -164,14 +168,21 @@ def log_path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
     >>> round(float(optax_path.log_path_norm(params, p=2.0)), 3)  # log(3e60)
     139.254
   """
-  p = validate_p(p)
+  p = numerics.validate_p(p)
+  check_mode(layers, apply_fn, input_shape)
+  if apply_fn is not None:
+    from optax_path._src import general  # noqa: PLC0415
+
+    return general.log_path_norm(params, p, apply_fn, input_shape)
   chain = layers_lib.find_layers(params, layers)
   leaves = [leaf for _, leaf in layers_lib.flatten_with_names(params)[0]]
   kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
   return jax.nn.logsumexp(_log_gamma_in(kernels, biases, p=p)[-1]) / p
 
 
-def path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
+def path_norm(
+    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+) -> jax.Array:
   """The path regulariser ``phi_p(w)`` of eq. 5, rescaling-invariant and differentiable.
 
   .. math::
@@ -203,4 +214,5 @@ def path_norm(params: Any, p: float = 2.0, *, layers=None) -> jax.Array:
     Neyshabur, Tomioka & Srebro, `Norm-Based Capacity Control in Neural Networks
     <https://arxiv.org/abs/1503.00036>`_, COLT 2015.
   """
-  return jnp.exp(log_path_norm(params, p, layers=layers))
+  return jnp.exp(log_path_norm(params, p, layers=layers, apply_fn=apply_fn,
+                               input_shape=input_shape))

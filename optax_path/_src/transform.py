@@ -31,10 +31,13 @@ def _check_same_structure(updates, params):
   return [leaf for _, leaf in update_leaves], update_def
 
 
-def normalize_updates(updates: Any, params: Any, p, layers: LayerSpecs) -> Any:
-  """``updates / path_scales(params)``, computed in the log domain (eq. 8)."""
+def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
+  """``updates / path_scales(params)``, computed in the log domain (eq. 8).
+
+  ``mode``: ``layers`` (MLP mode) or ``apply_fn`` and ``input_shape`` (general mode).
+  """
   update_leaves, treedef = _check_same_structure(updates, params)
-  _, _, log_scales = scales_lib.log_scale_leaves(params, p, layers)
+  _, _, log_scales = scales_lib.log_scale_leaves(params, p, **mode)
   normalized = [
     numerics.divide_by_scale(leaf, log_scales[i]) if i in log_scales else leaf
     for i, leaf in enumerate(update_leaves)
@@ -42,7 +45,9 @@ def normalize_updates(updates: Any, params: Any, p, layers: LayerSpecs) -> Any:
   return jax.tree_util.tree_unflatten(treedef, normalized)
 
 
-def path_normalize(p: float = 2.0, *, layers: LayerSpecs = None) -> optax.GradientTransformation:
+def path_normalize(
+    p: float = 2.0, *, layers: LayerSpecs = None, apply_fn=None, input_shape=None
+) -> optax.GradientTransformation:
   """Divides every gradient by its path scale: the Path-SGD direction (eq. 8).
 
   .. math::
@@ -94,7 +99,9 @@ def path_normalize(p: float = 2.0, *, layers: LayerSpecs = None) -> optax.Gradie
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
     Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015.
   """
-  p = scales_lib.validate_p(p)
+  p = numerics.validate_p(p)
+  scales_lib.check_mode(layers, apply_fn, input_shape)
+  mode = dict(layers=layers, apply_fn=apply_fn, input_shape=input_shape)
 
   def init_fn(params):
     del params
@@ -103,7 +110,7 @@ def path_normalize(p: float = 2.0, *, layers: LayerSpecs = None) -> optax.Gradie
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
-    return normalize_updates(updates, params, p, layers), state
+    return normalize_updates(updates, params, p, **mode), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -34,7 +34,7 @@ from optax_path.experiments.training import (
 
 INITS = ("balanced", "unbalanced")
 #: Defaults of ``reproduce``: sized so the digits run takes about 2 minutes on 2 cores.
-DEFAULTS = dict(hidden=(256, 256), epochs=20, search_epochs=10, batch_size=100, alphas=(0, 1, 2, 3, 4))
+DEFAULTS = dict(hidden=(512, 512), epochs=40, search_epochs=20, batch_size=100, alphas=(0, 1, 2, 3, 4))
 #: ``--paper``: the settings of Section 5 (2x4000 units, 100 epochs, alpha in 0..10).
 PAPER = dict(
     hidden=(4000, 4000), epochs=100, search_epochs=100, batch_size=100,

@@ -167,6 +167,7 @@ def _style_row(ax_row: Sequence[Any], rows: Sequence[Row], title: str) -> None:
     for ax, (metric, label, log) in zip(ax_row, PANELS):
         ax.set_title(label)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         values = _balanced_values(rows, metric, first_epoch=0 if log else 1)
         if log:
