@@ -10,15 +10,16 @@ in names as integers, so that ``Dense_2`` comes before ``Dense_10``.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 KeyPath = tuple[str, ...]
-LayerSpec = Union[str, Sequence[Any]]
+LayerSpec = str | Sequence[Any]
 
 _ROUTING_ADVICE = (
   'path_normalize handles the dense layers of a ReLU MLP only. Route other leaves '
@@ -160,7 +161,7 @@ def _check_coverage(groups, ordered: list[KeyPath], named_leaves) -> None:
 
 def _check_chain(layers: list[DenseLayer], named_leaves, explicit: bool) -> None:
   shapes = [tuple(named_leaves[layer.kernel][1].shape) for layer in layers]
-  fits = all(a[1] == b[0] for a, b in zip(shapes, shapes[1:]))
+  fits = all(a[1] == b[0] for a, b in itertools.pairwise(shapes))
   if fits:
     return
   listing = ', '.join(f'{format_path(l.path)} {s}' for l, s in zip(layers, shapes))

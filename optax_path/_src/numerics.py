@@ -13,12 +13,12 @@ ulps wherever the true value lies, representable or not.
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-Exponent = Union[float, jax.Array]
+Exponent = float | jax.Array
 
 LN2 = math.log(2.0)
 _NO_EXPONENT = -(2**30)  # exponent of 0: below every real exponent, yet no int32 overflow

@@ -99,7 +99,7 @@ def log_scale_leaves(
     leaves), their treedef, and a map from leaf index to that leaf's log scale.
   """
   if apply_fn is not None:
-    from optax_path._src import general  # noqa: PLC0415
+    from optax_path._src import general
 
     return general.log_scale_leaves(params, p, apply_fn, input_shape)
   chain = layers_lib.find_layers(params, layers)
@@ -171,7 +171,7 @@ def log_path_norm(
   p = numerics.validate_p(p)
   check_mode(layers, apply_fn, input_shape)
   if apply_fn is not None:
-    from optax_path._src import general  # noqa: PLC0415
+    from optax_path._src import general
 
     return general.log_path_norm(params, p, apply_fn, input_shape)
   chain = layers_lib.find_layers(params, layers)

@@ -20,15 +20,24 @@ NO_PARAMS_MSG = (
 )
 
 
-def _check_same_structure(updates, params):
-  update_leaves, update_def = layers_lib.flatten_with_names(updates)
+def check_same_structure(updates: Any, params: Any) -> None:
+  update_def = layers_lib.flatten_with_names(updates)[1]
   param_def = layers_lib.flatten_with_names(params)[1]
   if update_def != param_def:
     raise ValueError(
       'updates and params must have the same tree structure; got updates '
       f'{update_def} and params {param_def}.'
     )
-  return [leaf for _, leaf in update_leaves], update_def
+
+
+def divide_by_scales(tree: Any, log_scales: dict[int, jax.Array]) -> Any:
+  """Divides leaf ``i`` of ``tree`` by ``exp(log_scales[i])``, without forming the scale."""
+  named_leaves, treedef = layers_lib.flatten_with_names(tree)
+  divided = [
+    numerics.divide_by_scale(leaf, log_scales[i]) if i in log_scales else leaf
+    for i, (_, leaf) in enumerate(named_leaves)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, divided)
 
 
 def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
@@ -36,13 +45,9 @@ def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
 
   ``mode``: ``layers`` (MLP mode) or ``apply_fn`` and ``input_shape`` (general mode).
   """
-  update_leaves, treedef = _check_same_structure(updates, params)
+  check_same_structure(updates, params)
   _, _, log_scales = scales_lib.log_scale_leaves(params, p, **mode)
-  normalized = [
-    numerics.divide_by_scale(leaf, log_scales[i]) if i in log_scales else leaf
-    for i, leaf in enumerate(update_leaves)
-  ]
-  return jax.tree_util.tree_unflatten(treedef, normalized)
+  return divide_by_scales(updates, log_scales)
 
 
 def path_normalize(
@@ -101,7 +106,7 @@ def path_normalize(
   """
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
-  mode = dict(layers=layers, apply_fn=apply_fn, input_shape=input_shape)
+  mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):
     del params
