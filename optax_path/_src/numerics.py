@@ -111,7 +111,9 @@ def log_matvec(
     column = jnp.maximum(column, exponent(b))
   nonzero = column > _NO_EXPONENT // 2
   column = jnp.where(nonzero, column, 0)
-  total = x_mantissa @ abs_pow(ldexp(w, k[:, None] - column[None, :]), p)
+  terms = abs_pow(ldexp(w, k[:, None] - column[None, :]), p)
+  # HIGHEST: no TF32 or bfloat16 passes on GPU and TPU, whose error would show in scales.
+  total = jnp.matmul(x_mantissa, terms, precision=jax.lax.Precision.HIGHEST)
   if b is not None:
     total = total + abs_pow(ldexp(b, -column), p)
   log_total = jnp.log(jnp.where(nonzero, total, 1.0)) + p * LN2 * column
