@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 
@@ -21,25 +22,35 @@ import numpy as np
 from optax_path.experiments import data, report, selection
 from optax_path.experiments.models import MLP, init_params
 from optax_path.experiments.training import (
+    EVAL_CHUNK,
     METHODS,
     RunSpec,
-    Split,
     init_optimizer,
     make_evaluate,
     make_optimizer,
-    make_train_epoch,
+    make_train_step,
     to_device,
     train,
 )
 
 INITS = ("balanced", "unbalanced")
 #: Defaults of ``reproduce``: sized so the digits run takes about 2 minutes on 2 cores.
-DEFAULTS = dict(hidden=(512, 512), epochs=40, search_epochs=20, batch_size=100, alphas=(0, 1, 2, 3, 4))
+DEFAULTS = {
+    "hidden": (512, 512),
+    "epochs": 40,
+    "search_epochs": 20,
+    "batch_size": 100,
+    "alphas": (0, 1, 2, 3, 4),
+}
 #: ``--paper``: the settings of Section 5 (2x4000 units, 100 epochs, alpha in 0..10).
-PAPER = dict(
-    hidden=(4000, 4000), epochs=100, search_epochs=100, batch_size=100,
-    alphas=tuple(range(11)), unbalanced_units=2000,
-)
+PAPER = {
+    "hidden": (4000, 4000),
+    "epochs": 100,
+    "search_epochs": 100,
+    "batch_size": 100,
+    "alphas": tuple(range(11)),
+    "unbalanced_units": 2000,
+}
 #: The paper rescales 2000 units of its 2x4000 net; smaller nets scale this number.
 PAPER_UNBALANCED_FRACTION = 2000 / 8000
 
@@ -97,7 +108,8 @@ def parse_lr(text: str) -> tuple[str, float]:
 
 def methods_epilog() -> str:
     """The list of methods shown by ``--help``."""
-    lines = ["methods:"] + [f"  {name:<10} {m.description}" for name, m in METHODS.items()]
+    width = max(map(len, METHODS))
+    lines = ["methods:"] + [f"  {name:<{width}}  {m.description}" for name, m in METHODS.items()]
     return "\n".join(lines)
 
 
@@ -106,7 +118,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "reproduce",
         help="run the paper's comparison on one data set",
-        description=(
+        description=textwrap.fill(
             "Train a ReLU MLP with each method from the balanced and the unbalanced init, "
             "after choosing each method's step size 10^-alpha on a validation split (the "
             "paper's rule: the alpha reaching the lowest validation error fastest; searched "
@@ -116,52 +128,109 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", choices=data.DATASETS, default="digits",
-                   help="data set (default: digits, bundled with scikit-learn)")
-    p.add_argument("--data-dir", help="data directory (default: $OPTAX_PATH_DATA or "
-                   "~/.cache/optax_path)")
-    p.add_argument("--hidden", type=int, nargs="+", metavar="H",
-                   help=f"hidden layer widths (default: {_show(DEFAULTS['hidden'])}; paper: 4000 4000)")
-    p.add_argument("--epochs", type=int, help=f"epochs of the final runs (default: {DEFAULTS['epochs']})")
-    p.add_argument("--search-epochs", type=int,
-                   help=f"epochs of each step-size search run (default: {DEFAULTS['search_epochs']})")
+    p.add_argument(
+        "--dataset",
+        choices=data.DATASETS,
+        default="digits",
+        help="data set (default: digits, bundled with scikit-learn)",
+    )
+    p.add_argument(
+        "--data-dir", help="data directory (default: $OPTAX_PATH_DATA or ~/.cache/optax_path)"
+    )
+    p.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        metavar="H",
+        help=f"hidden layer widths (default: {_show(DEFAULTS['hidden'])}; paper: 4000 4000)",
+    )
+    p.add_argument(
+        "--epochs", type=int, help=f"epochs of the final runs (default: {DEFAULTS['epochs']})"
+    )
+    p.add_argument(
+        "--search-epochs",
+        type=int,
+        help=f"epochs of each step-size search run (default: {DEFAULTS['search_epochs']})",
+    )
     p.add_argument("--batch-size", type=int, help="mini-batch size (default: 100)")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="drop probability of hidden units; retain probability is 1-dropout "
-                   "(default: 0; paper: 0 and 0.5)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="drop probability of hidden units; retain probability is 1-dropout "
+        "(default: 0; paper: 0 and 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of init, split, batches, dropout")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["path-sgd", "sgd", "adagrad"],
-                   metavar="METHOD", help="methods to compare (listed below; default: %(default)s)")
-    p.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS),
-                   help="initialisations (default: both)")
-    p.add_argument("--unbalanced-units", type=int, metavar="K",
-                   help="hidden units rescaled by the unbalanced init, drawn with replacement "
-                   "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)")
-    p.add_argument("--alphas", type=float, nargs="+", metavar="ALPHA",
-                   help=f"step sizes 10^-alpha to search (default: {_show(DEFAULTS['alphas'])}; "
-                   "paper: 0..10)")
-    p.add_argument("--lr", type=parse_lr, action="append", default=[], metavar="METHOD=VALUE",
-                   help="fix a method's step size and skip its search (repeatable)")
-    p.add_argument("--search-init", choices=("balanced", "each"), default="balanced",
-                   help="search the step size on the balanced init and use it for both "
-                   "(default), or search separately for each init")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's settings: --hidden 4000 4000 --batch-size 100 --epochs 100 "
-                   "--search-epochs 100 --alphas 0..10 --unbalanced-units 2000 (explicit "
-                   "options still win)")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="floating-point precision (default: float64, as the paper's "
-                   "computations; the Path-SGD balanced/unbalanced curves then agree to "
-                   "rounding, while in float32 chaotic training can amplify rounding "
-                   "differences to ~1e-2)")
-    p.add_argument("--out", help="output directory (default: runs/<dataset>)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["path-sgd", "sgd", "adagrad"],
+        metavar="METHOD",
+        help="methods to compare (listed below; default: path-sgd sgd adagrad)",
+    )
+    p.add_argument(
+        "--inits",
+        nargs="+",
+        choices=INITS,
+        default=list(INITS),
+        help="initialisations (default: both)",
+    )
+    p.add_argument(
+        "--unbalanced-units",
+        type=int,
+        metavar="K",
+        help="hidden units rescaled by the unbalanced init, drawn with replacement "
+        "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        metavar="ALPHA",
+        help=f"step sizes 10^-alpha to search (default: {_show(DEFAULTS['alphas'])}; paper: 0..10)",
+    )
+    p.add_argument(
+        "--lr",
+        type=parse_lr,
+        action="append",
+        default=[],
+        metavar="METHOD=VALUE",
+        help="fix a method's step size and skip its search (repeatable)",
+    )
+    p.add_argument(
+        "--search-init",
+        choices=("balanced", "each"),
+        default="balanced",
+        help="search the step size on the balanced init and use it for both "
+        "(default), or search separately for each init",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's settings: --hidden 4000 4000 --batch-size 100 --epochs 100 "
+        "--search-epochs 100 --alphas 0..10 --unbalanced-units 2000 (explicit "
+        "options still win)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="floating-point precision (default: float64, in which the Path-SGD "
+        "balanced/unbalanced curves agree to rounding; in float32, training at the chosen "
+        "steps can amplify rounding differences between them to ~1e-2)",
+    )
+    p.add_argument(
+        "--out", help="output directory (default: runs/<dataset>, runs/<dataset>-dropout<p>)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
     """Declares the ``plot`` subcommand."""
     p = subparsers.add_parser(
-        "plot", help="combine runs into one figure (a row per data set)",
+        "plot",
+        help="combine runs into one figure (a row per data set)",
         description="Combine the metrics.csv of several run directories into one figure.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories with metrics.csv")
@@ -203,6 +272,17 @@ def default_unbalanced_units(hidden: Sequence[int]) -> int:
     return max(1, round(PAPER_UNBALANCED_FRACTION * sum(hidden)))
 
 
+def default_out(dataset: str, dropout: float) -> str:
+    """The default output directory, e.g. ``runs/mnist`` or ``runs/mnist-dropout0.5``.
+
+    Example:
+      >>> default_out("digits", 0.0), default_out("mnist", 0.5)
+      ('runs/digits', 'runs/mnist-dropout0.5')
+    """
+    name = dataset if not dropout else f"{dataset}-dropout{dropout:g}"
+    return os.path.join("runs", name)
+
+
 def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
     hidden = tuple(_pick(args, "hidden"))
@@ -214,12 +294,22 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     if extra:
         parser.error(f"--lr given for {', '.join(extra)}, which is not in --methods")
     config = Config(
-        dataset=args.dataset, data_dir=args.data_dir, hidden=hidden,
-        epochs=_pick(args, "epochs"), search_epochs=_pick(args, "search_epochs"),
-        batch_size=_pick(args, "batch_size"), dropout=args.dropout, seed=args.seed,
-        methods=tuple(dict.fromkeys(args.methods)), inits=tuple(dict.fromkeys(args.inits)),
-        unbalanced_units=units, alphas=tuple(_pick(args, "alphas")), learning_rates=lrs,
-        search_init=args.search_init, dtype=args.dtype, out=args.out or os.path.join("runs", args.dataset),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        hidden=hidden,
+        epochs=_pick(args, "epochs"),
+        search_epochs=_pick(args, "search_epochs"),
+        batch_size=_pick(args, "batch_size"),
+        dropout=args.dropout,
+        seed=args.seed,
+        methods=tuple(dict.fromkeys(args.methods)),
+        inits=tuple(dict.fromkeys(args.inits)),
+        unbalanced_units=units,
+        alphas=tuple(_pick(args, "alphas")),
+        learning_rates=lrs,
+        search_init=args.search_init,
+        dtype=args.dtype,
+        out=args.out or default_out(args.dataset, args.dropout),
         quiet=args.quiet,
     )
     check_config(config, parser)
@@ -228,8 +318,12 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
 
 def check_config(config: Config, parser: argparse.ArgumentParser) -> None:
     """Rejects settings that cannot run."""
-    positive = dict(epochs=config.epochs, batch_size=config.batch_size,
-                    unbalanced_units=config.unbalanced_units, search_epochs=config.search_epochs)
+    positive = {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "unbalanced_units": config.unbalanced_units,
+        "search_epochs": config.search_epochs,
+    }
     for name, value in positive.items():
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -252,25 +346,36 @@ class Experiment:
         self.config = config
         self.dataset = dataset
         self.model = MLP(config.hidden, dataset.num_classes, config.dropout)
-        self.evaluate = make_evaluate(self.model)
-        images, labels, dtype = dataset.train_images, dataset.train_labels, config.dtype
-        self.train_split = to_device(images, labels, dtype)
-        self.test_split = to_device(dataset.test_images, dataset.test_labels, dtype)
-        fit, val = selection.split_validation(len(labels), config.seed)
-        self.search_split = to_device(images[fit], labels[fit], dtype)
-        self.val_split = to_device(images[val], labels[val], dtype)
+        num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
+        self.evaluate = make_evaluate(self.model, min(EVAL_CHUNK, num_train))
+        self.data = to_device(
+            np.concatenate([dataset.train_images, dataset.test_images]),
+            np.concatenate([dataset.train_labels, dataset.test_labels]),
+            config.dtype,
+        )
+        self.train = np.arange(num_train)
+        self.test = num_train + np.arange(num_test)
+        self.fit, self.val = selection.split_validation(num_train, config.seed)
         self.params = initial_params(config, self.model, dataset.train_images.shape[1:])
 
-    def spec(self, train_epoch, search: bool) -> RunSpec:
+    def spec(self, train_step, search: bool) -> RunSpec:
         """The run specification of a search run or a final run."""
         c = self.config
         if search:
-            evals = {"val": self.val_split}
-            return RunSpec(train_epoch, self.evaluate, self.search_split, evals,
-                           c.search_epochs, c.batch_size, c.seed)
-        evals = {"train": self.train_split, "test": self.test_split}
-        return RunSpec(train_epoch, self.evaluate, self.train_split, evals,
-                       c.epochs, c.batch_size, c.seed)
+            return RunSpec(
+                train_step,
+                self.evaluate,
+                self.data,
+                self.fit,
+                {"val": self.val},
+                c.search_epochs,
+                c.batch_size,
+                c.seed,
+            )
+        evals = {"train": self.train, "test": self.test}
+        return RunSpec(
+            train_step, self.evaluate, self.data, self.train, evals, c.epochs, c.batch_size, c.seed
+        )
 
 
 def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> dict:
@@ -286,36 +391,57 @@ def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> di
     return params
 
 
-def search_method(exp: Experiment, method: str, tx, train_epoch, init: str) -> list[dict]:
+def search_method(exp: Experiment, method: str, tx, train_step, init: str) -> list[dict]:
     """The step-size search of one method on one init; returns selection.csv rows."""
-    spec = exp.spec(train_epoch, search=True)
+    spec = exp.spec(train_step, search=True)
 
     def run(alpha: float) -> tuple[list[float], bool]:
         lr = selection.learning_rate(alpha)
-        history = train(spec, exp.params[init], init_optimizer(tx, exp.params[init], lr),
-                        desc=f"search {method} {init} lr=1e-{alpha:g}",
-                        progress=not exp.config.quiet)
+        history = train(
+            spec,
+            exp.params[init],
+            init_optimizer(tx, exp.params[init], lr),
+            desc=f"search {method} {init} lr=1e-{alpha:g}",
+            progress=not exp.config.quiet,
+        )
         diverged = len(history) < spec.epochs + 1
         return [h["val_error"] for h in history], diverged
 
     candidates, chosen = selection.search(run, exp.config.alphas)
     return [
-        dict(dataset=exp.dataset.name, method=method, init=init, alpha=c.alpha,
-             learning_rate=c.learning_rate, best_val_error=c.best_error,
-             best_epoch=c.best_epoch, final_val_error=c.final_error,
-             diverged=int(c.diverged), chosen=int(c is chosen))
+        {
+            "dataset": exp.dataset.name,
+            "method": method,
+            "init": init,
+            "alpha": c.alpha,
+            "learning_rate": c.learning_rate,
+            "best_val_error": c.best_error,
+            "best_epoch": c.best_epoch,
+            "final_val_error": c.final_error,
+            "diverged": int(c.diverged),
+            "chosen": int(c is chosen),
+        }
         for c in candidates
     ]
 
 
-def final_run(exp: Experiment, method: str, tx, train_epoch, init: str, lr: float) -> list[dict]:
+def final_run(exp: Experiment, method: str, tx, train_step, init: str, lr: float) -> list[dict]:
     """Trains on the whole training set; returns metrics.csv rows."""
     params = exp.params[init]
-    history = train(exp.spec(train_epoch, search=False), params,
-                    init_optimizer(tx, params, lr), desc=f"{method} {init} lr={lr:.0e}",
-                    progress=not exp.config.quiet)
-    base = dict(dataset=exp.dataset.name, method=method, init=init,
-                dropout=exp.config.dropout, learning_rate=lr)
+    history = train(
+        exp.spec(train_step, search=False),
+        params,
+        init_optimizer(tx, params, lr),
+        desc=f"{method} {init} lr={lr:.0e}",
+        progress=not exp.config.quiet,
+    )
+    base = {
+        "dataset": exp.dataset.name,
+        "method": method,
+        "init": init,
+        "dropout": exp.config.dropout,
+        "learning_rate": lr,
+    }
     return [{**base, **h} for h in history]
 
 
@@ -327,20 +453,20 @@ def run_method(exp: Experiment, method: str) -> tuple[list[dict], list[dict]]:
     """
     c = exp.config
     tx = make_optimizer(method)
-    train_epoch = make_train_epoch(exp.model, tx)
+    train_step = make_train_step(exp.model, tx)
     search_inits = ("balanced",) if c.search_init == "balanced" else c.inits
     lrs, chosen_rows = {}, []
     for init in search_inits:
         if method in c.learning_rates:
             lrs[init] = c.learning_rates[method]
             continue
-        rows = search_method(exp, method, tx, train_epoch, init)
+        rows = search_method(exp, method, tx, train_step, init)
         chosen_rows += rows
         lrs[init] = next(r["learning_rate"] for r in rows if r["chosen"])
     metrics = []
     for init in c.inits:
         lr = lrs.get(init, lrs.get("balanced"))
-        metrics += final_run(exp, method, tx, train_epoch, init, lr)
+        metrics += final_run(exp, method, tx, train_step, init, lr)
     return metrics, chosen_rows
 
 
@@ -348,18 +474,25 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
     """The settings lines at the top of ``summary.md``."""
     n = len(dataset.train_labels)
     val = selection.validation_size(n)
-    search = ("on the balanced init, used for both inits" if config.search_init == "balanced"
-              else "separately for each init")
+    search = (
+        "on the balanced init, used for both inits"
+        if config.search_init == "balanced"
+        else "separately for each init"
+    )
     fixed = ", ".join(f"{m}={v:g}" for m, v in config.learning_rates.items()) or "none"
     return [
-        f"Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. "
-        f"ReLU MLP, hidden layers {_show(config.hidden)}, batch {config.batch_size}, "
-        f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. "
-        f"Unbalanced init: {config.unbalanced_units} hidden units rescaled.",
+        (
+            f"Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. "
+            f"ReLU MLP, hidden layers {_show(config.hidden)}, batch {config.batch_size}, "
+            f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. "
+            f"Unbalanced init: {config.unbalanced_units} hidden units rescaled."
+        ),
         "",
-        f"Step sizes 10^-alpha, alpha in {{{_show(config.alphas)}}}, chosen {search}: "
-        f"{config.search_epochs} epochs on {n - val} examples, validation on the other {val} "
-        f"(lowest validation error, reached first). Fixed by --lr: {fixed}.",
+        (
+            f"Step sizes 10^-alpha, alpha in {{{_show(config.alphas)}}}, chosen {search}: "
+            f"{config.search_epochs} epochs on {n - val} examples, validation on the other {val} "
+            f"(lowest validation error, reached first). Fixed by --lr: {fixed}."
+        ),
         "",
         f"Wall time: {seconds:.0f} s.",
     ]
@@ -387,7 +520,9 @@ def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dic
         rows, sel = run_method(exp, method)
         metrics, chosen = metrics + rows, chosen + sel
         report.write_csv(os.path.join(config.out, "metrics.csv"), report.METRIC_COLUMNS, metrics)
-        report.write_csv(os.path.join(config.out, "selection.csv"), report.SELECTION_COLUMNS, chosen)
+        report.write_csv(
+            os.path.join(config.out, "selection.csv"), report.SELECTION_COLUMNS, chosen
+        )
     return metrics, chosen
 
 

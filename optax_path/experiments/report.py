@@ -133,16 +133,14 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
       rows: Rows of ``metrics.csv`` (possibly of several runs).
       path: Output image file.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     datasets = experiments(rows)
     colors = method_colors(r["method"] for r in rows)
-    fig, axes = plt.subplots(
-        len(datasets), 3, figsize=(14, 3.4 * len(datasets)), squeeze=False, layout="constrained"
-    )
+    fig = Figure(figsize=(14, 3.4 * len(datasets)), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend.
+    axes = fig.subplots(len(datasets), 3, squeeze=False)
     for ax_row, (title, drows) in zip(axes, datasets.items()):
         for (method, init), run in group(drows, ("method", "init")).items():
             style = _line_style(colors[method], init)
@@ -153,14 +151,13 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
         _style_row(ax_row, drows, title)
     axes[0, -1].legend(fontsize="small")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _line_style(color: str, init: str) -> dict[str, Any]:
     """Solid (wide, so that a coinciding dashed curve shows) or dashed."""
     if init == "balanced":
-        return dict(color=color, ls="-", lw=2.4, alpha=0.55)
-    return dict(color=color, ls="--", lw=1.3)
+        return {"color": color, "ls": "-", "lw": 2.4, "alpha": 0.55}
+    return {"color": color, "ls": "--", "lw": 1.3}
 
 
 def _style_row(ax_row: Sequence[Any], rows: Sequence[Row], title: str) -> None:
@@ -233,12 +230,14 @@ def _fmt(value: float, spec: str = ".4f") -> str:
 def run_table(rows: Sequence[Row]) -> tuple[list[str], float]:
     """The summary table of one data set (markdown lines) and its target test error."""
     runs = group(rows, ("method", "init"))
-    finals = [sorted(r, key=lambda x: x["epoch"])[-1]["test_error"] for r in runs.values()]
+    finals = [max(r, key=lambda x: x["epoch"])["test_error"] for r in runs.values()]
     finite = [e for e in finals if math.isfinite(e)]
     target = TARGET_FACTOR * min(finite) if finite else math.nan
     lines = [
-        "| method | init | step size | final train loss | final train error "
-        "| final test error | best test error (epoch) | epochs to target |",
+        (
+            "| method | init | step size | final train loss | final train error "
+            "| final test error | best test error (epoch) | epochs to target |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for (method, init), run in runs.items():
@@ -250,8 +249,11 @@ def _table_line(method: str, init: str, run: Sequence[Row], target: float) -> st
     last = run[-1]
     errors = np.array([r["test_error"] for r in run], float)
     ok = np.isfinite(errors)
-    best = f"{errors[ok].min():.4f} ({int(np.flatnonzero(errors == errors[ok].min())[0])})" \
-        if ok.any() else "nan"
+    best = (
+        f"{errors[ok].min():.4f} ({int(np.flatnonzero(errors == errors[ok].min())[0])})"
+        if ok.any()
+        else "nan"
+    )
     reached = np.flatnonzero(ok & (errors <= target))
     to_target = str(int(run[reached[0]]["epoch"])) if reached.size else "not reached"
     final_test = _fmt(last["test_error"])
@@ -270,7 +272,8 @@ def agreement_line(rows: Sequence[Row]) -> str | None:
         return None
     worst = max(diff.values())
     verdict = (
-        f"agree (all < {AGREEMENT_TOLERANCE:g})" if worst < AGREEMENT_TOLERANCE
+        f"agree (all < {AGREEMENT_TOLERANCE:g})"
+        if worst < AGREEMENT_TOLERANCE
         else f"DIFFER (tolerance {AGREEMENT_TOLERANCE:g})"
     )
     parts = ", ".join(f"{m} {v:.2e}" for m, v in diff.items())
@@ -367,4 +370,3 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[Row], list[Row]]:
     selection_path = os.path.join(run_dir, "selection.csv")
     selection = read_csv(selection_path) if os.path.exists(selection_path) else []
     return metrics, selection
-

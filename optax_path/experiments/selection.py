@@ -120,7 +120,7 @@ def choose(candidates: Iterable[Candidate]) -> Candidate:
 
     Example:
       >>> a = summarize(1, [0.9, 0.2, 0.1, 0.1])
-      >>> b = summarize(2, [0.9, 0.5, 0.1, 0.1])
+      >>> b = summarize(2, [0.9, 0.5, 0.2, 0.1])
       >>> c = summarize(0, [0.9, 0.05, float("nan")])
       >>> choose([a, b, c]).alpha
       1

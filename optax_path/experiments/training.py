@@ -2,10 +2,12 @@
 
 The methods compared (:data:`METHODS`) are Optax gradient transformations built from a
 step size. Each is wrapped in :func:`optax.inject_hyperparams`, so the step size lives in
-the optimizer state and one jitted epoch function per method serves every step size and
-both initialisations. An epoch is a :func:`jax.lax.scan` over mini-batches gathered on
-the device from the whole training set (put there once), in an order drawn with NumPy's
-RNG from the run's seed: every method and initialisation sees the same batches.
+the optimizer state and one jitted training step per method serves every step size,
+both initialisations, the step-size search and the final runs. All examples (training
+and test) are put on the device once, as one :class:`Data`; a split is an array of
+indices into it, and a step gathers its mini-batch on the device. The batches are drawn
+with NumPy's RNG from the run's seed, so every method and initialisation sees the same
+batches (and dropout masks). Evaluation runs in large fixed-size jitted chunks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import optax_path
 from optax_path.experiments.models import MLP
 
 #: Examples per jitted evaluation call.
@@ -39,30 +42,34 @@ class Method(NamedTuple):
     description: str
 
 
-def _path_sgd(learning_rate: float) -> optax.GradientTransformation:
-    import optax_path  # The core library; imported late so the CLI loads without it.
-
-    return optax_path.path_sgd(learning_rate)
-
-
-def _sgd(learning_rate: float) -> optax.GradientTransformation:
-    return optax.sgd(learning_rate)
-
-
 def _adagrad(learning_rate: float) -> optax.GradientTransformation:
     return optax.adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7)
 
 
 #: The methods, by command-line name. Add an entry to compare another method.
 METHODS: dict[str, Method] = {
-    "path-sgd": Method(_path_sgd, "Path-SGD, p=2 (eq. 8): SGD on path-normalized gradients"),
-    "sgd": Method(_sgd, "plain mini-batch SGD"),
+    "path-sgd": Method(
+        optax_path.path_sgd, "Path-SGD, p=2 (eq. 8): SGD on path-normalized gradients"
+    ),
+    "sgd": Method(optax.sgd, "plain mini-batch SGD"),
     "adagrad": Method(_adagrad, "AdaGrad (initial accumulator 0.1, eps 1e-7)"),
+    "path-adagrad": Method(
+        optax_path.path_adagrad,
+        "the paper's Path-AdaGrad: AdaGrad on path-normalized gradients (not invariant)",
+    ),
+    "path-adagrad-geometry": Method(
+        lambda learning_rate: optax_path.path_geometry(_adagrad(learning_rate)),
+        "AdaGrad in the path geometry: path_geometry(adagrad), rescaling invariant",
+    ),
+    "adam": Method(optax.adam, "Adam (b1 0.9, b2 0.999, eps 1e-8)"),
+    "path-adam": Method(
+        optax_path.path_adam, "Adam in the path geometry: path_adam, rescaling invariant"
+    ),
 }
 
 
-class Split(NamedTuple):
-    """Examples on the device.
+class Data(NamedTuple):
+    """All the examples of an experiment, on the device.
 
     Attributes:
       images: ``(N, features)`` float32.
@@ -73,8 +80,8 @@ class Split(NamedTuple):
     labels: jax.Array
 
 
-def to_device(images: np.ndarray, labels: np.ndarray, dtype: str = "float32") -> Split:
-    """Flattens images and puts a split on the default device.
+def to_device(images: np.ndarray, labels: np.ndarray, dtype: str = "float32") -> Data:
+    """Flattens images and puts them on the default device.
 
     Args:
       images: ``(N, ...)`` array.
@@ -82,10 +89,10 @@ def to_device(images: np.ndarray, labels: np.ndarray, dtype: str = "float32") ->
       dtype: Floating dtype of the images (``float64`` needs x64 mode).
 
     Returns:
-      The split as device arrays.
+      The examples as device arrays.
     """
     flat = np.asarray(images, dtype).reshape(len(images), -1)
-    return Split(jax.device_put(flat), jax.device_put(np.asarray(labels, np.int32)))
+    return Data(jax.device_put(flat), jax.device_put(np.asarray(labels, np.int32)))
 
 
 def make_optimizer(method: str) -> optax.GradientTransformation:
@@ -97,7 +104,11 @@ def make_optimizer(method: str) -> optax.GradientTransformation:
     Returns:
       The transformation; set the step size with :func:`init_optimizer`.
     """
-    return optax.inject_hyperparams(METHODS[method].factory)(learning_rate=1.0)
+    factory = METHODS[method].factory
+    # Only the step size is injected: other numeric defaults (such as p) stay static.
+    return optax.inject_hyperparams(lambda learning_rate: factory(learning_rate))(
+        learning_rate=1.0
+    )
 
 
 def init_optimizer(
@@ -124,8 +135,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def padded_chunks(indices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts indices into rows of ``size``, padding the last row (mask 0).
+
+    Args:
+      indices: 1-D example indices.
+      size: Row length.
+
+    Returns:
+      ``(indices, mask)``, both ``(rows, size)``; mask is 1.0 for real examples.
+    """
+    rows = max(1, -(-len(indices) // size))
+    pad = rows * size - len(indices)
+    padded = np.concatenate([indices, np.zeros(pad, indices.dtype)]).astype(np.int32)
+    mask = np.concatenate([np.ones(len(indices), np.float32), np.zeros(pad, np.float32)])
+    return padded.reshape(rows, size), mask.reshape(rows, size)
+
+
 def epoch_batches(
-    rng: np.random.Generator, num_examples: int, batch_size: int
+    rng: np.random.Generator, examples: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws one epoch's mini-batches.
 
@@ -133,17 +161,13 @@ def epoch_batches(
 
     Args:
       rng: NumPy generator (the run's seed).
-      num_examples: Training set size.
+      examples: Indices of the training examples.
       batch_size: Examples per step.
 
     Returns:
       ``(indices, mask)``, both ``(steps, batch_size)``; mask is 1.0 for real examples.
     """
-    steps = -(-num_examples // batch_size)
-    pad = steps * batch_size - num_examples
-    indices = np.concatenate([rng.permutation(num_examples), np.zeros(pad, np.int64)])
-    mask = np.concatenate([np.ones(num_examples, np.float32), np.zeros(pad, np.float32)])
-    return indices.reshape(steps, batch_size).astype(np.int32), mask.reshape(steps, batch_size)
+    return padded_chunks(examples[rng.permutation(len(examples))], batch_size)
 
 
 class Compiled:
@@ -171,19 +195,21 @@ class Compiled:
         return self.prepare(*args)(*args)
 
 
-TrainEpoch = Compiled
+TrainStep = Compiled
 
 
-def make_train_epoch(model: MLP, tx: optax.GradientTransformation) -> TrainEpoch:
-    """Builds the jitted epoch function of a method.
+def make_train_step(model: MLP, tx: optax.GradientTransformation) -> TrainStep:
+    """Builds the jitted training step of a method.
 
     Args:
       model: The network.
       tx: The method (needs ``params`` in ``update``, as Path-SGD does).
 
     Returns:
-      ``train_epoch(params, opt_state, data, indices, mask, key)`` returning
-      ``(params, opt_state, step_losses)``; ``data`` is the whole training :class:`Split`.
+      ``train_step(params, opt_state, data, indices, mask, key, step)`` returning
+      ``(params, opt_state, loss)``: one update on the mini-batch ``data[indices]``
+      (``mask`` weighs its examples), with dropout masks drawn from ``fold_in(key, step)``;
+      ``data`` is all the examples (:class:`Data`), already on the device.
     """
 
     def loss_fn(params, x, y, w, key):
@@ -191,55 +217,50 @@ def make_train_epoch(model: MLP, tx: optax.GradientTransformation) -> TrainEpoch
         return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
 
     @jax.jit
-    def train_epoch(params, opt_state, data, indices, mask, key):
-        def step(carry, batch):
-            params, opt_state = carry
-            idx, w, step_key = batch
-            loss, grads = jax.value_and_grad(loss_fn)(
-                params, data.images[idx], data.labels[idx], w, step_key
-            )
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def train_step(params, opt_state, data, indices, mask, key, step):
+        x, y = data.images[indices], data.labels[indices]
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, mask, jax.random.fold_in(key, step))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-        keys = jax.random.split(key, indices.shape[0])
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (indices, mask, keys))
-        return params, opt_state, losses
-
-    return Compiled(train_epoch)
+    return Compiled(train_step)
 
 
-Evaluate = Callable[[optax.Params, Split], tuple[float, float]]
+Evaluate = Callable[[optax.Params, Data, np.ndarray], tuple[float, float]]
 
 
 def make_evaluate(model: MLP, chunk: int = EVAL_CHUNK) -> Evaluate:
-    """Builds the evaluation function (no dropout), run in large jitted chunks.
+    """Builds the evaluation function (no dropout), run in fixed-size jitted chunks.
 
     Args:
       model: The network.
-      chunk: Examples per jitted call.
+      chunk: Examples per jitted call (one compilation serves every split).
 
     Returns:
-      ``evaluate(params, split) -> (mean cross-entropy, 0/1 error)``. The error is NaN
-      when some logits are not finite (a diverged net has no meaningful predictions).
+      ``evaluate(params, data, indices) -> (mean cross-entropy, 0/1 error)`` over the
+      examples ``indices`` of ``data``. The error is NaN when some logits are not finite
+      (a diverged net has no meaningful predictions).
     """
 
     @jax.jit
-    def sums(params, x, y):
-        logits = model.apply({"params": params}, x)
+    def sums(params, data, indices, mask):
+        logits = model.apply({"params": params}, data.images[indices])
+        labels = data.labels[indices]
         wrong = jnp.where(
             jnp.all(jnp.isfinite(logits), axis=-1),
-            (jnp.argmax(logits, axis=-1) != y).astype(jnp.float32),
+            (jnp.argmax(logits, axis=-1) != labels).astype(logits.dtype),
             jnp.nan,
         )
-        return jnp.sum(cross_entropy(logits, y)), jnp.sum(wrong)
+        keep = mask > 0  # where(), not a product: padding must not turn inf into NaN
+        loss = jnp.where(keep, cross_entropy(logits, labels), 0.0)
+        return jnp.sum(loss), jnp.sum(jnp.where(keep, wrong, 0.0))
 
-    def evaluate(params, split):
-        n = split.labels.shape[0]
+    def evaluate(params, data, indices):
         loss, wrong = 0.0, 0.0
-        for start in range(0, n, chunk):
-            a, b = sums(params, split.images[start : start + chunk], split.labels[start : start + chunk])
+        for rows, mask in zip(*padded_chunks(indices, chunk)):
+            a, b = sums(params, data, rows, mask)
             loss, wrong = loss + float(a), wrong + float(b)
-        return loss / n, wrong / n
+        return loss / len(indices), wrong / len(indices)
 
     return evaluate
 
@@ -248,20 +269,22 @@ class RunSpec(NamedTuple):
     """What one training run needs besides its parameters and optimizer.
 
     Attributes:
-      train_epoch: From :func:`make_train_epoch`.
+      train_step: From :func:`make_train_step`.
       evaluate: From :func:`make_evaluate`.
-      train: The training split (on the device).
-      evals: Splits evaluated after every epoch, by name (metrics ``<name>_loss`` and
-        ``<name>_error``).
+      data: All examples, on the device.
+      train: Indices of the training examples in ``data``.
+      evals: Indices of the examples evaluated after every epoch, by split name
+        (metrics ``<name>_loss`` and ``<name>_error``).
       epochs: Number of epochs.
       batch_size: Examples per step.
       seed: Seeds the batch order and the dropout masks.
     """
 
-    train_epoch: TrainEpoch
+    train_step: TrainStep
     evaluate: Evaluate
-    train: Split
-    evals: Mapping[str, Split]
+    data: Data
+    train: np.ndarray
+    evals: Mapping[str, np.ndarray]
     epochs: int
     batch_size: int
     seed: int
@@ -270,8 +293,8 @@ class RunSpec(NamedTuple):
 def evaluate_all(spec: RunSpec, params: optax.Params) -> dict[str, float]:
     """Evaluates ``params`` on every split of ``spec.evals``."""
     row = {}
-    for name, split in spec.evals.items():
-        row[f"{name}_loss"], row[f"{name}_error"] = spec.evaluate(params, split)
+    for name, indices in spec.evals.items():
+        row[f"{name}_loss"], row[f"{name}_error"] = spec.evaluate(params, spec.data, indices)
     return row
 
 
@@ -307,17 +330,23 @@ def train(
     """
     rng = np.random.default_rng(spec.seed)
     key = jax.random.key(spec.seed)
-    n = spec.train.labels.shape[0]
     history = [{"epoch": 0, "seconds": 0.0, "batch_loss": math.nan, **evaluate_all(spec, params)}]
     seconds = 0.0
     bar = tqdm(range(1, spec.epochs + 1), desc=desc, disable=not progress, leave=True)
     for epoch in bar:
-        args = (params, opt_state, spec.train, *epoch_batches(rng, n, spec.batch_size),
-                jax.random.fold_in(key, epoch))
-        run_epoch = spec.train_epoch.prepare(*args)
+        indices, mask = epoch_batches(rng, spec.train, spec.batch_size)
+        epoch_key = jax.random.fold_in(key, epoch)
+        step = spec.train_step.prepare(
+            params, opt_state, spec.data, indices[0], mask[0], epoch_key, np.int32(0)
+        )
         start = time.perf_counter()
-        params, opt_state, losses = run_epoch(*args)
-        batch_loss = float(jnp.mean(losses))
+        losses = []
+        for i in range(len(indices)):
+            params, opt_state, loss = step(
+                params, opt_state, spec.data, indices[i], mask[i], epoch_key, np.int32(i)
+            )
+            losses.append(loss)
+        batch_loss = float(jnp.mean(jnp.stack(losses)))
         seconds += time.perf_counter() - start
         row = {"batch_loss": batch_loss, **evaluate_all(spec, params)}
         history.append({"epoch": epoch, "seconds": seconds, **row})
