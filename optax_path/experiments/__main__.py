@@ -9,29 +9,14 @@ balanced and the unbalanced initialisation, writing ``metrics.csv``, ``selection
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import textwrap
-import time
 from collections.abc import Sequence
 
-import jax
-import numpy as np
-
-from optax_path.experiments import data, report, selection
-from optax_path.experiments.models import MLP, init_params
-from optax_path.experiments.training import (
-    EVAL_CHUNK,
-    METHODS,
-    RunSpec,
-    init_optimizer,
-    make_evaluate,
-    make_optimizer,
-    make_train_step,
-    to_device,
-    train,
-)
+from optax_path.experiments import data, report
+from optax_path.experiments.pipeline import Config, reproduce, show
+from optax_path.experiments.training import METHODS
 
 INITS = ("balanced", "unbalanced")
 #: Defaults of ``reproduce``: sized so the digits run takes about 2 minutes on 2 cores.
@@ -53,29 +38,6 @@ PAPER = {
 }
 #: The paper rescales 2000 units of its 2x4000 net; smaller nets scale this number.
 PAPER_UNBALANCED_FRACTION = 2000 / 8000
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Settings of a ``reproduce`` run (see ``--help``)."""
-
-    dataset: str
-    data_dir: str | None
-    hidden: tuple[int, ...]
-    epochs: int
-    search_epochs: int
-    batch_size: int
-    dropout: float
-    seed: int
-    methods: tuple[str, ...]
-    inits: tuple[str, ...]
-    unbalanced_units: int
-    alphas: tuple[float, ...]
-    learning_rates: dict[str, float]
-    search_init: str
-    dtype: str
-    out: str
-    quiet: bool
 
 
 def parse_lr(text: str) -> tuple[str, float]:
@@ -142,7 +104,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         metavar="H",
-        help=f"hidden layer widths (default: {_show(DEFAULTS['hidden'])}; paper: 4000 4000)",
+        help=f"hidden layer widths (default: {show(DEFAULTS['hidden'])}; paper: 4000 4000)",
     )
     p.add_argument(
         "--epochs", type=int, help=f"epochs of the final runs (default: {DEFAULTS['epochs']})"
@@ -188,7 +150,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         nargs="+",
         metavar="ALPHA",
-        help=f"step sizes 10^-alpha to search (default: {_show(DEFAULTS['alphas'])}; paper: 0..10)",
+        help=f"step sizes 10^-alpha to search (default: {show(DEFAULTS['alphas'])}; paper: 0..10)",
     )
     p.add_argument(
         "--lr",
@@ -248,10 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_reproduce_parser(subparsers)
     add_plot_parser(subparsers)
     return parser
-
-
-def _show(values: Sequence[float]) -> str:
-    return " ".join(f"{v:g}" for v in values)
 
 
 def _pick(args: argparse.Namespace, name: str) -> object:
@@ -331,199 +289,6 @@ def check_config(config: Config, parser: argparse.ArgumentParser) -> None:
         parser.error("--hidden widths must be at least 1")
     if not 0 <= config.dropout < 1:
         parser.error("--dropout must be in [0, 1)")
-
-
-class Experiment:
-    """The data, model and jitted functions shared by all runs of a ``reproduce``."""
-
-    def __init__(self, config: Config, dataset: data.Dataset):
-        """Puts the data on the device and draws the initial parameters.
-
-        Args:
-          config: The settings.
-          dataset: The loaded data set.
-        """
-        self.config = config
-        self.dataset = dataset
-        self.model = MLP(config.hidden, dataset.num_classes, config.dropout)
-        num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
-        self.evaluate = make_evaluate(self.model, min(EVAL_CHUNK, num_train))
-        self.data = to_device(
-            np.concatenate([dataset.train_images, dataset.test_images]),
-            np.concatenate([dataset.train_labels, dataset.test_labels]),
-            config.dtype,
-        )
-        self.train = np.arange(num_train)
-        self.test = num_train + np.arange(num_test)
-        self.fit, self.val = selection.split_validation(num_train, config.seed)
-        self.params = initial_params(config, self.model, dataset.train_images.shape[1:])
-
-    def spec(self, train_step, search: bool) -> RunSpec:
-        """The run specification of a search run or a final run."""
-        c = self.config
-        if search:
-            return RunSpec(
-                train_step,
-                self.evaluate,
-                self.data,
-                self.fit,
-                {"val": self.val},
-                c.search_epochs,
-                c.batch_size,
-                c.seed,
-            )
-        evals = {"train": self.train, "test": self.test}
-        return RunSpec(
-            train_step, self.evaluate, self.data, self.train, evals, c.epochs, c.batch_size, c.seed
-        )
-
-
-def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> dict:
-    """The balanced and (if asked for) unbalanced initial parameters, by init name."""
-    key_init, key_unbalance = jax.random.split(jax.random.key(config.seed))
-    balanced = init_params(model, key_init, input_shape)
-    params = {"balanced": jax.tree.map(lambda x: x.astype(config.dtype), balanced)}
-    if "unbalanced" in config.inits:
-        import optax_path
-
-        unbalance = jax.jit(optax_path.unbalance, static_argnums=2)
-        params["unbalanced"] = unbalance(key_unbalance, params["balanced"], config.unbalanced_units)
-    return params
-
-
-def search_method(exp: Experiment, method: str, tx, train_step, init: str) -> list[dict]:
-    """The step-size search of one method on one init; returns selection.csv rows."""
-    spec = exp.spec(train_step, search=True)
-
-    def run(alpha: float) -> tuple[list[float], bool]:
-        lr = selection.learning_rate(alpha)
-        history = train(
-            spec,
-            exp.params[init],
-            init_optimizer(tx, exp.params[init], lr),
-            desc=f"search {method} {init} lr=1e-{alpha:g}",
-            progress=not exp.config.quiet,
-        )
-        diverged = len(history) < spec.epochs + 1
-        return [h["val_error"] for h in history], diverged
-
-    candidates, chosen = selection.search(run, exp.config.alphas)
-    return [
-        {
-            "dataset": exp.dataset.name,
-            "method": method,
-            "init": init,
-            "alpha": c.alpha,
-            "learning_rate": c.learning_rate,
-            "best_val_error": c.best_error,
-            "best_epoch": c.best_epoch,
-            "final_val_error": c.final_error,
-            "diverged": int(c.diverged),
-            "chosen": int(c is chosen),
-        }
-        for c in candidates
-    ]
-
-
-def final_run(exp: Experiment, method: str, tx, train_step, init: str, lr: float) -> list[dict]:
-    """Trains on the whole training set; returns metrics.csv rows."""
-    params = exp.params[init]
-    history = train(
-        exp.spec(train_step, search=False),
-        params,
-        init_optimizer(tx, params, lr),
-        desc=f"{method} {init} lr={lr:.0e}",
-        progress=not exp.config.quiet,
-    )
-    base = {
-        "dataset": exp.dataset.name,
-        "method": method,
-        "init": init,
-        "dropout": exp.config.dropout,
-        "learning_rate": lr,
-    }
-    return [{**base, **h} for h in history]
-
-
-def run_method(exp: Experiment, method: str) -> tuple[list[dict], list[dict]]:
-    """Step-size search (unless fixed by ``--lr``) and final runs of one method.
-
-    Returns:
-      ``(metrics rows, selection rows)``.
-    """
-    c = exp.config
-    tx = make_optimizer(method)
-    train_step = make_train_step(exp.model, tx)
-    search_inits = ("balanced",) if c.search_init == "balanced" else c.inits
-    lrs, chosen_rows = {}, []
-    for init in search_inits:
-        if method in c.learning_rates:
-            lrs[init] = c.learning_rates[method]
-            continue
-        rows = search_method(exp, method, tx, train_step, init)
-        chosen_rows += rows
-        lrs[init] = next(r["learning_rate"] for r in rows if r["chosen"])
-    metrics = []
-    for init in c.inits:
-        lr = lrs.get(init, lrs.get("balanced"))
-        metrics += final_run(exp, method, tx, train_step, init, lr)
-    return metrics, chosen_rows
-
-
-def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]:
-    """The settings lines at the top of ``summary.md``."""
-    n = len(dataset.train_labels)
-    val = selection.validation_size(n)
-    search = (
-        "on the balanced init, used for both inits"
-        if config.search_init == "balanced"
-        else "separately for each init"
-    )
-    fixed = ", ".join(f"{m}={v:g}" for m, v in config.learning_rates.items()) or "none"
-    return [
-        (
-            f"Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. "
-            f"ReLU MLP, hidden layers {_show(config.hidden)}, batch {config.batch_size}, "
-            f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. "
-            f"Unbalanced init: {config.unbalanced_units} hidden units rescaled."
-        ),
-        "",
-        (
-            f"Step sizes 10^-alpha, alpha in {{{_show(config.alphas)}}}, chosen {search}: "
-            f"{config.search_epochs} epochs on {n - val} examples, validation on the other {val} "
-            f"(lowest validation error, reached first). Fixed by --lr: {fixed}."
-        ),
-        "",
-        f"Wall time: {seconds:.0f} s.",
-    ]
-
-
-def reproduce(config: Config) -> None:
-    """Runs the experiment and writes its four outputs to ``config.out``."""
-    start = time.perf_counter()
-    dataset = data.load_dataset(config.dataset, config.data_dir)
-    with jax.enable_x64(config.dtype == "float64"):
-        metrics, chosen = run_all(config, dataset)
-    report.plot(metrics, os.path.join(config.out, "figure.png"))
-    lines = preamble(config, dataset, time.perf_counter() - start)
-    report.write_summary(os.path.join(config.out, "summary.md"), metrics, chosen, lines)
-    if not config.quiet:
-        print(f"Wrote metrics.csv, selection.csv, figure.png, summary.md to {config.out}")
-
-
-def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
-    """Runs every method, rewriting the two CSV files after each; returns their rows."""
-    exp = Experiment(config, dataset)
-    os.makedirs(config.out, exist_ok=True)
-    metrics, chosen = [], []
-    for method in config.methods:
-        rows, sel = run_method(exp, method)
-        metrics, chosen = metrics + rows, chosen + sel
-        report.write_csv(os.path.join(config.out, "metrics.csv"), report.METRIC_COLUMNS, metrics)
-        report.write_csv(
-            os.path.join(config.out, "selection.csv"), report.SELECTION_COLUMNS, chosen
-        )
-    return metrics, chosen
 
 
 def plot_command(args: argparse.Namespace) -> None:
