@@ -1,0 +1,149 @@
+"""Checks on 8 devices, run by test_many_devices.py in a subprocess that simulates them.
+
+Params sharded over the 'model' axis of a ('data', 'model') mesh (kernels on their output
+axis), batches over 'data'. Not collected by the main test session (the file name does
+not start with ``test_``); run it alone with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice_checks.py``.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_path
+
+pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason='needs 8 (simulated) devices')
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(0.3)
+    x = nn.relu(nn.Dense(8, bias_init=init)(x))
+    x = nn.relu(nn.Dense(8, bias_init=init)(x))
+    return nn.Dense(4, bias_init=init)(x)
+
+
+class ResidualCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(0.3)
+    h = nn.relu(nn.Conv(4, (3, 3), bias_init=init)(x))
+    r = nn.Conv(4, (3, 3), bias_init=init)(nn.relu(nn.Conv(6, (3, 3), bias_init=init)(h)))
+    h = nn.avg_pool(nn.relu(h + r), (2, 2), (2, 2))
+    return nn.Dense(4, bias_init=init)(h.reshape(h.shape[0], -1))
+
+
+CASES = {'mlp': (MLP(), (4,)), 'cnn': (ResidualCNN(), (6, 6, 2))}
+
+
+def mesh():
+  return Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'model'))
+
+
+def model_parallel(tree, mesh):
+  """Every leaf split over 'model' on its last (output) axis."""
+  return jax.tree.map(
+    lambda w: jax.device_put(w, NamedSharding(mesh, P(*([None] * (w.ndim - 1)), 'model'))), tree)
+
+
+def problem(name, steps=1):
+  """Model, input shape, params and ``steps`` batches of 16."""
+  model, shape = CASES[name]
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, *shape)))['params']
+  params = jax.tree.map(lambda s: jnp.asarray(
+    rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) > 1 else 3),
+    jnp.float32), shapes)
+  inputs = jnp.asarray(rng.normal(size=(steps, 16, *shape)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, size=(steps, 16)))
+  return model, shape, params, inputs, labels
+
+
+def loss_fn(model, params, x, y):
+  logits = model.apply({'params': params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def modes(name):
+  model, shape = CASES[name]
+  general = {'apply_fn': lambda q, x: model.apply({'params': q}, x), 'input_shape': shape}
+  return {'mlp_mode': {}, 'general': general} if name == 'mlp' else {'general': general}
+
+
+def assert_close(a, b, rtol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn'])
+def test_sharded_updates_equal_unsharded_and_keep_the_shardings(name):
+  model, _, params, inputs, labels = problem(name)
+  device = jax.devices()[0]
+  grad = jax.jit(jax.grad(lambda q, x, y: loss_fn(model, q, x, y)))
+  one = jax.device_put((params, inputs[0], labels[0]), device)
+  m = mesh()
+  sharded = model_parallel(params, m)
+  batch = jax.device_put((inputs[0], labels[0]), NamedSharding(m, P('data')))
+  # XLA may lay the gradient out otherwise; a training step constrains it like the params.
+  grads_sharded = jax.device_put(grad(sharded, *batch), jax.tree.map(lambda w: w.sharding, sharded))
+
+  for mode in modes(name).values():
+    tx = optax_path.path_normalize(2.0, **mode)
+    expected, _ = jax.jit(tx.update)(grad(*one), optax.EmptyState(), one[0])
+    updates, _ = jax.jit(tx.update)(grads_sharded, optax.EmptyState(), sharded)
+    assert_close(updates, expected)
+    for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(sharded)):
+      assert u.sharding.is_equivalent_to(w.sharding, w.ndim), (u.sharding, w.sharding)
+    if mode:
+      norm = jax.jit(lambda q, mode=mode: optax_path.path_norm(q, **mode))
+      np.testing.assert_allclose(norm(sharded), norm(one[0]), rtol=1e-5)
+
+
+def make_train(model, tx):
+  """A jitted training step and a loop over batches that records the losses."""
+
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(lambda q: loss_fn(model, q, x, y))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  def train(params, batches):
+    state, losses = tx.init(params), []
+    for x, y in batches:
+      params, state, loss = step(params, state, x, y)
+      losses.append(float(loss))
+    return params, losses
+
+  return step, train
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn'])
+def test_data_and_model_parallel_path_sgd_training(name):
+  steps = 3
+  model, _, params, inputs, labels = problem(name)
+  inputs, labels = inputs.repeat(steps, axis=0), labels.repeat(steps, axis=0)  # one batch
+  m = mesh()
+  for mode in modes(name).values():
+    tx = optax.chain(optax_path.path_normalize(2.0, **mode), optax.sgd(0.05))
+    step, train = make_train(model, tx)
+    device = jax.devices()[0]
+    expected, expected_losses = train(jax.device_put(params, device),
+                                      jax.device_put(list(zip(inputs, labels)), device))
+    sharded = model_parallel(params, m)
+    batches = [jax.device_put(b, NamedSharding(m, P('data'))) for b in zip(inputs, labels)]
+    trained, losses = train(sharded, batches)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    assert_close(trained, expected)
+    for w, w0 in zip(jax.tree.leaves(trained), jax.tree.leaves(sharded)):
+      assert w.sharding.is_equivalent_to(w0.sharding, w0.ndim)
+    if name == 'mlp' and mode:
+      hlo = step.lower(sharded, tx.init(sharded), *batches[0]).compile().as_text()
+      assert 'all-reduce' in hlo  # the batch gradient is summed over the 'data' axis

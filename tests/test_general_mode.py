@@ -1,0 +1,520 @@
+"""The general mode (apply_fn=, input_shape=): conv nets, residual graphs, pooling, NNX."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_path
+
+# ---------------------------------------------------------------------------------------
+# (a) Brute force: a conv net unrolled into explicit edges and paths, in float64.
+
+
+class ConvNet(nn.Module):
+  """5x5x1 input -> 3x3 conv with 2 channels -> ReLU -> flatten -> dense(3)."""
+
+  strides: tuple = (1, 1)
+  padding: object = 'SAME'
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(2, (3, 3), strides=self.strides, padding=self.padding)(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+INPUT = (5, 5, 1)
+
+
+def conv_pads(padding, strides):
+  """``(low, high)`` padding per spatial axis and whether it wraps around (CIRCULAR)."""
+  if padding in ('SAME', 'CIRCULAR'):
+    return jax.lax.padtype_to_pads(INPUT[:2], (3, 3), strides, 'SAME'), padding == 'CIRCULAR'
+  if padding == 'VALID':
+    return [(0, 0), (0, 0)], False
+  return [tuple(p) for p in padding], False
+
+
+def explicit_paths(params, strides, padding):
+  """Every path of the unrolled net, as a list of ``(param, index)`` edges.
+
+  Conv edge ``(h, w, c) -> (i, j, k)`` uses ``kernel[a, b, c, k]`` where
+  ``(h, w) = (i s + a - low, j s + b - low)``, if that input exists (zero padding is no
+  unit); a bias is an edge from a bias unit. Flatten is the identity on units.
+  """
+  (low_h, high_h), (low_w, high_w) = conv_pads(padding, strides)[0]
+  circular = conv_pads(padding, strides)[1]
+  out_h = (INPUT[0] + low_h + high_h - 3) // strides[0] + 1
+  out_w = (INPUT[1] + low_w + high_w - 3) // strides[1] + 1
+  channels = params['Conv_0']['kernel'].shape[-1]
+  assert params['Dense_0']['kernel'].shape[0] == out_h * out_w * channels
+  incoming = {}  # hidden unit -> list of edges into it
+  for i, j, k in itertools.product(range(out_h), range(out_w), range(channels)):
+    edges = [[('Conv_0/bias', (k,))]]
+    for a, b in itertools.product(range(3), range(3)):
+      h, w = i * strides[0] + a - low_h, j * strides[1] + b - low_w
+      if circular:
+        h, w = h % INPUT[0], w % INPUT[1]
+      if 0 <= h < INPUT[0] and 0 <= w < INPUT[1]:
+        edges.append([('Conv_0/kernel', (a, b, 0, k))])
+    incoming[(i * out_w + j) * channels + k] = edges
+  paths = []
+  for o in range(params['Dense_0']['kernel'].shape[1]):
+    paths.append([('Dense_0/bias', (o,))])
+    for unit, edges in incoming.items():
+      paths.extend(edge + [('Dense_0/kernel', (unit, o))] for edge in edges)
+  return paths
+
+
+def get(params, name):
+  layer, leaf = name.split('/')
+  return np.asarray(params[layer][leaf], np.float64)
+
+
+def brute_force(params, p, strides, padding):
+  """(scales, phi_p) by summing over explicit paths: a shared entry sums over its edges."""
+  sums = {name: np.zeros(get(params, name).shape) for name in
+          ('Conv_0/kernel', 'Conv_0/bias', 'Dense_0/kernel', 'Dense_0/bias')}
+  phi_p = 0.0
+  for path in explicit_paths(params, strides, padding):
+    q = [abs(get(params, name)[index]) ** p for name, index in path]
+    phi_p += np.prod(q)
+    for e, (name, index) in enumerate(path):
+      sums[name][index] += np.prod(q[:e] + q[e + 1:])
+  scales = {}
+  for name, total in sums.items():
+    layer, leaf = name.split('/')
+    scales.setdefault(layer, {})[leaf] = total ** (2 / p)
+  return scales, phi_p ** (1 / p)
+
+
+def relative_error(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected) / np.maximum(np.abs(expected), 1e-300)))
+
+
+CONV_CASES = [  # every padding with stride 1 and one of the others
+  (strides, padding)
+  for padding in ('SAME', 'VALID', ((2, 1), (0, 1)), 'CIRCULAR')
+  for strides in ((1, 1), (2, 1) if padding in ('VALID', 'CIRCULAR') else (2, 2))
+]
+
+
+def draw(shapes, seed=0, dtype=np.float64):
+  """Arrays for a tree of shapes from numpy, without compiling an init (threefry is slow
+  to compile on CPU): kernels N(0, 1/fan_in), biases N(0, 0.3^2)."""
+  rng = np.random.default_rng(seed)
+
+  def one(s):
+    std = 0.3 if len(s.shape) == 1 else 1 / np.sqrt(np.prod(s.shape[:-1]))
+    return jnp.asarray((std * rng.normal(size=s.shape)).astype(dtype))
+
+  return jax.tree.map(one, shapes)
+
+
+def random_params(model, shape, seed=0, dtype=np.float64):
+  """Params of a Linen ``model``, drawn as in ``draw``."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, *shape)))['params']
+  return draw(shapes, seed, dtype)
+
+
+def random_nnx(cls, seed=0, dtype=np.float64):
+  """``(graphdef, state)`` of ``cls(rngs)``, drawn as in ``draw``."""
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: cls(nnx.Rngs(0))))
+  return graphdef, draw(shapes, seed, dtype)
+
+
+@pytest.mark.parametrize('strides,padding', CONV_CASES, ids=str)
+def test_conv_scales_update_and_norm_match_explicit_edges(x64, strides, padding):
+  model = ConvNet(strides, padding)
+  params = random_params(model, INPUT)
+  mode = {'apply_fn': lambda q, x: model.apply({'params': q}, x), 'input_shape': INPUT}
+  grads = jax.tree.map(lambda w: jnp.asarray(np.random.default_rng(1).normal(size=w.shape)),
+                       params)
+
+  ps = (2.0, 1.0) if strides == (1, 1) else (2.0,)
+
+  @jax.jit
+  def general_mode(params, grads):
+    updates, _ = optax_path.path_normalize(2.0, **mode).update(grads, optax.EmptyState(), params)
+    return updates, [(optax_path.path_scales(params, p, **mode),
+                      optax_path.path_norm(params, p, **mode)) for p in ps]
+
+  updates, results = general_mode(params, grads)
+  for p, (scales, norm) in zip(ps, results):
+    expected, expected_norm = brute_force(params, p, strides, padding)
+    assert jax.tree.leaves(scales)[0].dtype == jnp.float64
+    assert max(jax.tree.leaves(jax.tree.map(relative_error, scales, expected))) < 1e-10
+    assert relative_error(norm, expected_norm) < 1e-10
+    if p == 2.0:
+      expected_updates = jax.tree.map(lambda g, s: np.asarray(g) / s, grads, expected)
+      assert max(jax.tree.leaves(jax.tree.map(relative_error, updates, expected_updates))) < 1e-10
+
+
+class NNXConvNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 2, (3, 3), strides=(2, 1), rngs=rngs)
+    self.dense = nnx.Linear(3 * 5 * 2, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv(x))
+    return self.dense(x.reshape(x.shape[0], -1))
+
+
+def test_nnx_conv_net_matches_explicit_edges(x64):
+  graphdef, state = random_nnx(NNXConvNet)
+  apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  scales = optax_path.path_scales(state, apply_fn=apply_fn, input_shape=INPUT)
+  pure = nnx.to_pure_dict(state)
+  as_linen = {'Conv_0': pure['conv'], 'Dense_0': pure['dense']}
+  expected, expected_norm = brute_force(as_linen, 2.0, (2, 1), 'SAME')
+  scales = nnx.to_pure_dict(scales)
+  assert relative_error(scales['conv']['kernel'], expected['Conv_0']['kernel']) < 1e-10
+  assert relative_error(scales['dense']['bias'], expected['Dense_0']['bias']) < 1e-10
+  norm = optax_path.path_norm(state, apply_fn=apply_fn, input_shape=INPUT)
+  assert relative_error(norm, expected_norm) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------
+# (b) Theorem 4.1 for convolutions: channel rescalings inside a residual block.
+
+
+class ResidualCNN(nn.Module):
+  """stem conv -> [conv -> relu -> conv] + skip -> relu -> pool -> dense head."""
+
+  pool: str = 'avg'
+  mask: np.ndarray | None = None  # pool='mask': sum over the members of each window it picks
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3, 3), name='stem')(x))
+    r = nn.relu(nn.Conv(6, (3, 3), strides=(1, 1), padding='SAME', name='branch_in')(h))
+    r = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), name='branch_out')(r)
+    h = nn.relu(h + r)
+    if self.pool == 'none':
+      return h
+    if self.pool == 'mask':
+      h = 4 * nn.avg_pool(h * self.mask, (2, 2), (2, 2))
+    else:
+      h = (nn.avg_pool if self.pool == 'avg' else nn.max_pool)(h, (2, 2), (2, 2))
+    return nn.Dense(3, name='head')(h.reshape(h.shape[0], -1))
+
+
+IMAGE = (6, 6, 2)
+STEPS = 30
+
+
+def make_problem(pool):
+  model = ResidualCNN(pool)
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.normal(size=(STEPS, 16, *IMAGE)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 3, size=(STEPS, 16)))
+  held_out = jnp.asarray(rng.normal(size=(64, *IMAGE)), jnp.float32)
+  params = random_params(model, IMAGE, dtype=np.float32)
+  return model, params, inputs, labels, held_out
+
+
+def rescale_branch_channels(params, factors):
+  """Output channel k of branch_in (kernel slice, bias) times c_k; branch_out's input
+  channel k divided by c_k. Inside the residual branch, so the skip is untouched."""
+  params = jax.tree.map(lambda w: w, params)
+  params['branch_in'] = {'kernel': params['branch_in']['kernel'] * factors,
+                         'bias': params['branch_in']['bias'] * factors}
+  params['branch_out'] = dict(params['branch_out'],
+                              kernel=params['branch_out']['kernel'] / factors[:, None])
+  return params
+
+
+def train(model, tx, params, inputs, labels):
+  def loss_fn(q, x, y):
+    logits = model.apply({'params': q}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(carry, batch):
+    params, state = carry
+    updates, state = tx.update(jax.grad(loss_fn)(params, *batch), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), (inputs, labels))
+  return params
+
+
+@jax.jit(static_argnums=0)
+def _output_gap(model, a, b, held_out):
+  out_a, out_b = model.apply({'params': a}, held_out), model.apply({'params': b}, held_out)
+  return jnp.max(jnp.abs(out_a - out_b)) / jnp.max(jnp.abs(out_a))
+
+
+def output_gap(model, a, b, held_out):
+  """Largest output difference relative to the largest output, on held-out inputs."""
+  gap = float(_output_gap(model, a, b, held_out))
+  return gap if np.isfinite(gap) else np.inf
+
+
+@pytest.mark.parametrize('pool', ['avg', 'max'])
+def test_path_sgd_keeps_channel_rescaled_residual_cnns_equivalent(pool):
+  model, params, inputs, labels, held_out = make_problem(pool)
+  factors = jnp.array([1e3, 1e-3, 30.0, 0.05, 1.0, 300.0])
+  rescaled = rescale_branch_channels(params, factors)
+  assert output_gap(model, params, rescaled, held_out) < 1e-5  # the same function
+
+  apply_fn = lambda q, x: model.apply({'params': q}, x)
+  mode = {'apply_fn': apply_fn, 'input_shape': IMAGE}
+  log_norm = jax.jit(lambda q: optax_path.log_path_norm(q, **mode))
+  np.testing.assert_allclose(log_norm(rescaled), log_norm(params), rtol=1e-5)
+
+  run = jax.jit(train, static_argnums=(0, 1))
+  path_sgd = optax.chain(optax_path.path_normalize(2.0, **mode), optax.sgd(0.02))
+  trained, trained_rescaled = (run(model, path_sgd, q, inputs, labels) for q in (params, rescaled))
+  assert output_gap(model, params, trained, held_out) > 0.1  # training moved the function
+  path_gap = output_gap(model, trained, trained_rescaled, held_out)
+  assert path_gap < 1e-3
+
+  if pool == 'avg':
+    sgd = optax.sgd(1e-3)
+    trained, trained_rescaled = (run(model, sgd, q, inputs, labels) for q in (params, rescaled))
+    sgd_gap = output_gap(model, trained, trained_rescaled, held_out)
+    assert sgd_gap > 1e-2
+    print(f'SGD gap {sgd_gap:.2e}', end=', ')
+  print(f'{pool} pool: Path-SGD gap {path_gap:.2e}')
+
+
+def test_max_pool_scales_follow_the_argmax_paths_of_the_all_ones_input():
+  """Max pooling: the scales are those of the net that keeps, in each window, the member
+  with the largest gamma_in on the all-ones |theta|^2 pass (ties: the first member)."""
+  image = (10, 10, 2)  # windows 4:6 x 4:6 lie beyond the borders' reach: a 4-way tie
+  model = ResidualCNN('max')
+  params = random_params(model, image, dtype=np.float32)
+  q = jax.tree.map(jnp.square, params)
+  pre_pool = np.asarray(ResidualCNN('none').apply({'params': q}, jnp.ones((1, *image))))[0]
+  windows = pre_pool.reshape(5, 2, 5, 2, -1).transpose(0, 2, 4, 1, 3).reshape(5, 5, -1, 4)
+  assert np.all(windows[2, 2] == windows[2, 2, :, :1])  # tied
+  first_argmax = np.eye(4)[np.argmax(windows, axis=-1)]  # (5, 5, channels, 4)
+  mask = first_argmax.reshape(5, 5, -1, 2, 2).transpose(0, 3, 1, 4, 2).reshape(pre_pool.shape)
+
+  def scales(net, params):
+    return optax_path.path_scales(params, apply_fn=lambda q, x: net.apply({'params': q}, x),
+                                  input_shape=image)
+
+  argmax_net = ResidualCNN('mask', mask)
+  max_pool, argmax_paths = jax.jit(lambda q: [scales(model, q), scales(argmax_net, q)])(params)
+  for a, b in zip(jax.tree.leaves(max_pool), jax.tree.leaves(argmax_paths)):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# (c) The general mode equals the matmul (MLP) mode on MLPs, Linen and NNX.
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(8)(x))
+    x = nn.relu(nn.Dense(6)(x))
+    return nn.Dense(3)(x)
+
+
+class NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 6, rngs=rngs),
+                            nnx.Linear(6, 3, rngs=rngs)])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = nnx.relu(layer(x))
+    return self.layers[-1](x)
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=0)
+
+
+def linen_mlp():
+  model = MLP()
+  params = random_params(model, (4,), dtype=np.float32)
+  return params, lambda q, x: model.apply({'params': q}, x)
+
+
+def nnx_mlp():
+  graphdef, state = random_nnx(NNXMLP, dtype=np.float32)
+  return nnx.as_pure(state), lambda s, x: nnx.merge(graphdef, s)(x)
+
+
+@pytest.mark.parametrize('make', [linen_mlp, nnx_mlp], ids=['linen', 'nnx'])
+def test_general_mode_equals_the_mlp_mode(make):
+  params, apply_fn = make()
+  grads = draw(params, seed=2, dtype=np.float32)
+
+  @jax.jit
+  def both_modes(params, grads):
+    results = []
+    for mode in ({'apply_fn': apply_fn, 'input_shape': (4,)}, {}):
+      updates, _ = optax_path.path_normalize(p, **mode).update(grads, optax.EmptyState(), params)
+      results.append((updates, optax_path.log_path_norm(params, p, **mode)))
+    return results
+
+  p = 3.0 if make is linen_mlp else 1.0  # p = 2 is in the tests below
+  general, mlp = both_modes(params, grads)
+  assert_trees_close(general, mlp)
+
+
+def test_nnx_optimizer_in_the_general_mode():
+  graphdef, state = random_nnx(NNXMLP, dtype=np.float32)
+  model = nnx.merge(graphdef, state)
+  tx = optax.chain(optax_path.path_normalize(
+    apply_fn=lambda s, x: nnx.merge(graphdef, s)(x), input_shape=(4,)), optax.sgd(0.1))
+  reference = nnx.merge(graphdef, state)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+  loss = lambda m: jnp.mean(m(x) ** 2)
+
+  for net, transform in ((model, tx), (reference, optax_path.path_sgd(0.1))):
+    optimizer = nnx.Optimizer(net, transform, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(net, optimizer):
+      optimizer.update(net, nnx.grad(loss)(net))
+
+    for _ in range(3):
+      step(net, optimizer)
+  assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                     nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
+
+
+def test_jit_compiles_once_and_p_may_be_injected():
+  params, apply_fn = linen_mlp()
+  grads = jax.tree.map(jnp.ones_like, params)
+  expected, _ = jax.jit(optax_path.path_normalize(2.0).update)(grads, optax.EmptyState(), params)
+  tx = optax.inject_hyperparams(optax_path.path_normalize, static_args=('apply_fn', 'input_shape'))(
+    p=2.0, apply_fn=apply_fn, input_shape=(4,))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  updates, state = update(grads, state, params)
+  updates, state = update(grads, state, params)
+  assert update._cache_size() == 1
+  assert_trees_close(updates, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Float range and edge cases.
+
+
+def test_overflow_gives_zero_updates_and_inf_norm_never_nan():
+  """phi_2 beyond float32 in the |theta|^2 pass: no step, norm +inf, scales +inf."""
+  params, apply_fn = linen_mlp()
+  mode = {'apply_fn': apply_fn, 'input_shape': (4,)}
+  huge = jax.tree.map(lambda w: w * 1e12, params)
+  grads = jax.tree.map(jnp.ones_like, huge)
+
+  @jax.jit
+  def general_mode(huge, grads):
+    updates, _ = optax_path.path_normalize(**mode).update(grads, optax.EmptyState(), huge)
+    return updates, optax_path.path_scales(huge, **mode), optax_path.log_path_norm(huge, **mode)
+
+  updates, scales, norm = general_mode(huge, grads)
+  assert float(norm) == np.inf
+  assert 80 < float(jax.jit(optax_path.log_path_norm)(huge)) < 90  # the MLP mode's exact value
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert all(bool(jnp.all(s == np.inf)) for s in jax.tree.leaves(scales))
+
+
+def test_float64_pass_covers_what_float32_cannot(x64):
+  params, apply_fn = linen_mlp()  # float32 params; the pass runs in float64 under x64
+  huge = jax.tree.map(lambda w: w * 1e12, params)
+  grads = jax.tree.map(jnp.ones_like, huge)
+
+  @jax.jit
+  def both_modes(huge, grads):
+    huge64 = jax.tree.map(lambda w: w.astype(jnp.float64), huge)
+    results = []
+    for mode in ({'apply_fn': apply_fn, 'input_shape': (4,)}, {}):
+      updates, _ = optax_path.path_normalize(**mode).update(grads, optax.EmptyState(), huge)
+      results.append((updates, optax_path.log_path_norm(huge if mode else huge64, **mode)))
+    return results
+
+  (updates, norm), (expected_updates, expected_norm) = both_modes(huge, grads)
+  assert norm.dtype == jnp.float64 and jax.tree.leaves(updates)[0].dtype == jnp.float32
+  np.testing.assert_allclose(norm, expected_norm, rtol=1e-12)
+  assert_trees_close(updates, expected_updates)
+
+
+def test_dead_units_and_overflowing_scales_give_zero_not_nan():
+  """Finite phi, yet some scales beyond float32: behind a zero weight ``c`` sit two
+  weights of 1e15 (gamma_out = 1e60 = inf), so ``c``'s scale overflows (update 0, as in
+  the MLP mode) and ``e``'s gradient is 0 * inf = nan (read as an overflow: update 0).
+  A unit with no path to the output gets scale 0 and update 0.
+
+  (Behind a ReLU, ``c``'s scale would be 0: a unit whose gamma_in is 0 has pre-activation
+  0, where ReLU's derivative is 0. Its incoming edges' loss gradients are 0 as well.)"""
+  params = {'a': jnp.array([[1.0, 2.0]]), 'b': jnp.array([[3.0], [0.0]]),
+            'c': jnp.array([[0.0]]), 'e': jnp.array([[1.0]]),
+            'd1': jnp.array([[1e15]]), 'd2': jnp.array([[1e15]])}
+
+  def apply_fn(q, x):
+    h = jax.nn.relu(x @ q['a']) @ q['b']
+    return h + x @ q['c'] @ q['e'] @ q['d1'] @ q['d2']  # linear: no ReLU at 0
+
+  mode = {'apply_fn': apply_fn, 'input_shape': (1,)}
+  assert np.isclose(float(optax_path.path_norm(params, **mode)), 3.0)
+  scales = optax_path.path_scales(params, **mode)
+  np.testing.assert_allclose(scales['a'], [[9.0, 0.0]], rtol=1e-6)  # unit 1 reaches no output
+  np.testing.assert_allclose(scales['b'], [[1.0], [4.0]], rtol=1e-6)
+  assert float(scales['c'][0, 0]) == np.inf and float(scales['e'][0, 0]) == np.inf
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = optax_path.path_normalize(**mode).update(grads, optax.EmptyState(), params)
+  assert not any(bool(jnp.any(jnp.isnan(u))) for u in jax.tree.leaves(updates))
+  np.testing.assert_allclose(updates['a'], [[1 / 9, 0.0]], rtol=1e-6)
+  assert float(updates['c'][0, 0]) == 0.0 and float(updates['e'][0, 0]) == 0.0
+
+
+def test_masked_leaves_are_passed_through_when_the_forward_pass_does_not_need_them():
+  params, apply_fn = linen_mlp()
+  tree = {'trunk': params, 'aux': {'kernel': jnp.ones((3, 2))}}
+  mask = {'trunk': jax.tree.map(lambda _: True, params), 'aux': {'kernel': False}}
+  inner = optax_path.path_normalize(
+    apply_fn=lambda q, x: apply_fn(q['trunk'], x), input_shape=(4,))
+  tx = optax.masked(inner, mask)
+  grads = jax.tree.map(jnp.ones_like, tree)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(tree), tree)
+  expected, _ = jax.jit(optax_path.path_normalize().update)(grads['trunk'], optax.EmptyState(),
+                                                            params)
+  assert_trees_close(updates['trunk'], expected)
+  np.testing.assert_allclose(updates['aux']['kernel'], 1.0)
+
+  uses_aux = optax.masked(optax_path.path_normalize(
+    apply_fn=lambda q, x: apply_fn(q['trunk'], x) @ q['aux']['kernel'], input_shape=(4,)), mask)
+  with pytest.raises(ValueError, match='MaskedNode'):
+    uses_aux.update(grads, uses_aux.init(tree), tree)
+
+
+# ---------------------------------------------------------------------------------------
+# (d) Errors.
+
+
+def test_errors():
+  params, apply_fn = linen_mlp()
+  for fn in (optax_path.path_scales, optax_path.path_norm, optax_path.log_path_norm):
+    with pytest.raises(ValueError, match='both apply_fn and input_shape'):
+      fn(params, apply_fn=apply_fn)
+    with pytest.raises(ValueError, match='both apply_fn and input_shape'):
+      fn(params, input_shape=(4,))
+    with pytest.raises(ValueError, match='not both'):
+      fn(params, layers=['Dense_0', 'Dense_1', 'Dense_2'], apply_fn=apply_fn, input_shape=(4,))
+  with pytest.raises(ValueError, match='both apply_fn and input_shape'):
+    optax_path.path_normalize(apply_fn=apply_fn)
+  with pytest.raises(ValueError, match='both apply_fn and input_shape'):
+    optax_path.path_normalize(input_shape=(4,))
+  with pytest.raises(ValueError, match='not both'):
+    optax_path.path_normalize(layers=['Dense_0'], apply_fn=apply_fn, input_shape=(4,))
+
+  with pytest.raises(ValueError, match=r'does not use these params leaves: extra/kernel \(2, 2\)'):
+    optax_path.path_scales({**params, 'extra': {'kernel': jnp.ones((2, 2))}},
+                           apply_fn=apply_fn, input_shape=(4,))
+  with pytest.raises(ValueError, match='input_shape must be the shape of one input'):
+    optax_path.path_scales(params, apply_fn=apply_fn, input_shape=4)
