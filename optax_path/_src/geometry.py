@@ -105,6 +105,8 @@ def path_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     layers: LayerSpecs = None,
+    apply_fn=None,
+    input_shape=None,
 ) -> optax.GradientTransformation:
   """Path-Adam: ``path_geometry(optax.adam(...))``, Adam that is rescaling invariant.
 
@@ -118,6 +120,8 @@ def path_adam(
     b2: as in ``optax.adam``.
     eps: as in ``optax.adam``.
     layers: optional layer key paths from input to output.
+    apply_fn: general mode: the network's forward pass (see ``path_normalize``).
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -132,4 +136,10 @@ def path_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015; Neyshabur et al., NeurIPS 2015.
   """
-  return path_geometry(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps), p, layers=layers)
+  return path_geometry(
+    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+    p,
+    layers=layers,
+    apply_fn=apply_fn,
+    input_shape=input_shape,
+  )

@@ -132,6 +132,9 @@ def path_scales(
     params: params pytree of a ReLU MLP (see ``path_normalize`` for the layouts).
     p: the ``l_p`` path geometry, a number > 0.
     layers: optional layer key paths from input to output (default: found).
+    apply_fn: general mode: a ReLU network's forward pass ``apply_fn(params, x)``
+      (see ``path_normalize``).
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     A pytree shaped like ``params``, in float32 or wider: scales beyond that range
@@ -160,7 +163,7 @@ def log_path_norm(
 ) -> jax.Array:
   """``log phi_p(w)``: finite even where ``phi_p`` is beyond the float range.
 
-  See ``path_norm``. Differentiable.
+  See ``path_norm`` (same arguments). Differentiable.
 
   Example:
     >>> import jax.numpy as jnp, optax_path
@@ -198,6 +201,9 @@ def path_norm(
     params: params pytree of a ReLU MLP.
     p: a number > 0.
     layers: optional layer key paths from input to output (default: found).
+    apply_fn: general mode: a ReLU network's forward pass ``apply_fn(params, x)``
+      (see ``path_normalize``).
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     A scalar in float32 or wider.

@@ -85,6 +85,12 @@ def path_normalize(
       control flow, so ``optax.inject_hyperparams`` may inject it.
     layers: optional layer key paths from input to output, as ``'a/b'`` strings or
       key sequences, when the order cannot be read from the names.
+    apply_fn: general mode, for any ReLU network (convolutions, residual additions,
+      average pooling): its forward pass ``apply_fn(params, x)``, e.g.
+      ``lambda q, x: model.apply({'params': q}, x)``. The scales are then one gradient of
+      the network evaluated on ``|theta|^p`` and an all-ones input; see the README for
+      its scope and float range.
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     A stateless ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -127,6 +133,8 @@ def path_sgd(
     momentum: float | None = None,
     nesterov: bool = False,
     layers: LayerSpecs = None,
+    apply_fn=None,
+    input_shape=None,
 ) -> optax.GradientTransformation:
   """Path-SGD: ``optax.chain(path_normalize(p), optax.sgd(...))``.
 
@@ -143,6 +151,8 @@ def path_sgd(
     momentum: optional momentum decay, as in ``optax.sgd``.
     nesterov: Nesterov momentum, as in ``optax.sgd``.
     layers: optional layer key paths from input to output.
+    apply_fn: general mode: the network's forward pass (see ``path_normalize``).
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -157,7 +167,7 @@ def path_sgd(
     Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Algorithm 1.
   """
   return optax.chain(
-    path_normalize(p, layers=layers),
+    path_normalize(p, layers=layers, apply_fn=apply_fn, input_shape=input_shape),
     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
 
@@ -169,6 +179,8 @@ def path_adagrad(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     layers: LayerSpecs = None,
+    apply_fn=None,
+    input_shape=None,
 ) -> optax.GradientTransformation:
   """The paper's Path-AdaGrad: ``optax.chain(path_normalize(p), optax.adagrad(...))``.
 
@@ -182,6 +194,8 @@ def path_adagrad(
     initial_accumulator_value: as in ``optax.adagrad``.
     eps: as in ``optax.adagrad``.
     layers: optional layer key paths from input to output.
+    apply_fn: general mode: the network's forward pass (see ``path_normalize``).
+    input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -190,6 +204,6 @@ def path_adagrad(
     Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Section 6.
   """
   return optax.chain(
-    path_normalize(p, layers=layers),
+    path_normalize(p, layers=layers, apply_fn=apply_fn, input_shape=input_shape),
     optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps),
   )
