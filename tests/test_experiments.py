@@ -394,3 +394,46 @@ def test_csv_round_trip_keeps_nan_and_precision(tmp_path):
             assert r[k] == b[k] or (
                 isinstance(r[k], float) and math.isnan(r[k]) and math.isnan(b[k])
             )
+
+
+# ------------------------------------------------------------------ the CNN (general mode)
+
+
+def test_unbalance_channels_keeps_the_function_and_the_path_norm():
+    from optax_path.experiments.models import CNN, path_mode, unbalance_channels
+
+    import optax_path
+
+    model = CNN((4, 8), 10, (8, 8, 1))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+    unbalanced = unbalance_channels(jax.random.key(1), params, 6)
+    x = jax.random.normal(jax.random.key(2), (5, 64))
+    a, b = model.apply({"params": params}, x), model.apply({"params": unbalanced}, x)
+    assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5
+    assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(unbalanced)) > 10.0
+    mode = path_mode(model, 64)
+    np.testing.assert_allclose(
+        optax_path.log_path_norm(unbalanced, **mode), optax_path.log_path_norm(params, **mode),
+        rtol=1e-5,
+    )
+    capped = unbalance_channels(jax.random.key(1), params, 200, max_decades=2.0)
+    assert float(jnp.max(jnp.abs(capped["Conv_0"]["bias"]))) == 0.0  # zero biases stay zero
+    assert float(jnp.max(jnp.abs(capped["Conv_0"]["kernel"]) / jnp.abs(params["Conv_0"]["kernel"]))) <= 100.0 * (1 + 1e-5)
+
+
+def test_cnn_end_to_end_path_sgd_curves_agree(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_dataset", lambda name, data_dir=None, **kw: small_digits())
+        status = cli.main(["reproduce", "--model", "cnn", "--hidden", "4", "8", "--epochs", "2",
+                           "--search-epochs", "1", "--alphas", "1", "--methods", "path-sgd",
+                           "path-adam", "sgd", "--out", str(tmp_path), "--quiet"])
+    assert status == 0
+    for name in ("metrics.csv", "selection.csv", "figure.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    metrics = report.read_csv(tmp_path / "metrics.csv")
+    assert len(metrics) == 3 * 2 * 3
+    for method in ("path-sgd", "path-adam"):
+        by_init = {init: [r["train_loss"] for r in metrics if r["method"] == method and r["init"] == init]
+                   for init in ("balanced", "unbalanced")}
+        np.testing.assert_allclose(by_init["balanced"], by_init["unbalanced"], rtol=1e-6)
+    assert "ReLU CNN" in (tmp_path / "summary.md").read_text()

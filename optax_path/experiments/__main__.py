@@ -21,7 +21,7 @@ from optax_path.experiments.training import METHODS
 INITS = ("balanced", "unbalanced")
 #: Defaults of ``reproduce``: sized so the digits run takes about 2 minutes on 2 cores.
 DEFAULTS = {
-    "hidden": (512, 512),
+    "hidden": {"mlp": (512, 512), "cnn": (16, 32)},
     "epochs": 40,
     "search_epochs": 20,
     "batch_size": 100,
@@ -100,11 +100,20 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
         "--data-dir", help="data directory (default: $OPTAX_PATH_DATA or ~/.cache/optax_path)"
     )
     p.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="network: the paper's ReLU MLP (default), or a small ReLU CNN (3x3 conv layers "
+        "with 2x2 average pooling and a dense head) whose path scales come from the "
+        "general mode and whose unbalanced init rescales channels",
+    )
+    p.add_argument(
         "--hidden",
         type=int,
         nargs="+",
         metavar="H",
-        help=f"hidden layer widths (default: {show(DEFAULTS['hidden'])}; paper: 4000 4000)",
+        help=f"hidden layer widths (default: {show(DEFAULTS['hidden']['mlp'])}; paper: 4000 "
+        f"4000), or conv channels with --model cnn (default: {show(DEFAULTS['hidden']['cnn'])})",
     )
     p.add_argument(
         "--epochs", type=int, help=f"epochs of the final runs (default: {DEFAULTS['epochs']})"
@@ -243,7 +252,10 @@ def default_out(dataset: str, dropout: float) -> str:
 
 def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
     """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
-    hidden = tuple(_pick(args, "hidden"))
+    if args.paper and args.model != "mlp":
+        parser.error("--paper is the paper's MLP configuration; it does not apply to --model cnn")
+    hidden = _pick(args, "hidden")
+    hidden = tuple(hidden[args.model] if isinstance(hidden, dict) else hidden)
     units = args.unbalanced_units
     if units is None:
         units = PAPER["unbalanced_units"] if args.paper else default_unbalanced_units(hidden)
@@ -254,6 +266,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     config = Config(
         dataset=args.dataset,
         data_dir=args.data_dir,
+        model=args.model,
         hidden=hidden,
         epochs=_pick(args, "epochs"),
         search_epochs=_pick(args, "search_epochs"),

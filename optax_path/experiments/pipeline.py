@@ -9,6 +9,8 @@ on the whole training set, and ``metrics.csv``, ``selection.csv``, ``figure.png`
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,8 +19,7 @@ import jax
 import numpy as np
 
 import optax_path
-from optax_path.experiments import data, report, selection
-from optax_path.experiments.models import MLP, init_params
+from optax_path.experiments import data, models, report, selection
 from optax_path.experiments.training import (
     EVAL_CHUNK,
     RunSpec,
@@ -41,6 +42,7 @@ class Config:
 
     dataset: str
     data_dir: str | None
+    model: str
     hidden: tuple[int, ...]
     epochs: int
     search_epochs: int
@@ -70,7 +72,11 @@ class Experiment:
         """
         self.config = config
         self.dataset = dataset
-        self.model = MLP(config.hidden, dataset.num_classes, config.dropout)
+        image_shape = dataset.train_images.shape[1:]
+        self.model = models.make_model(
+            config.model, config.hidden, dataset.num_classes, config.dropout, image_shape
+        )
+        self.mode = models.path_mode(self.model, math.prod(image_shape))
         num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
         self.evaluate = make_evaluate(self.model, min(EVAL_CHUNK, num_train))
         self.data = to_device(
@@ -103,13 +109,22 @@ class Experiment:
         )
 
 
-def initial_params(config: Config, model: MLP, input_shape: Sequence[int]) -> dict:
-    """The balanced and (if asked for) unbalanced initial parameters, by init name."""
+def initial_params(config: Config, model, input_shape: Sequence[int]) -> dict:
+    """The balanced and (if asked for) unbalanced initial parameters, by init name.
+
+    The MLP is unbalanced by :func:`optax_path.unbalance`; the CNN by rescaling channels
+    (:func:`models.unbalance_channels`), capped at 1e30 in float32.
+    """
     key_init, key_unbalance = jax.random.split(jax.random.key(config.seed))
-    balanced = init_params(model, key_init, input_shape)
+    balanced = models.init_params(model, key_init, input_shape)
     params = {"balanced": jax.tree.map(lambda x: x.astype(config.dtype), balanced)}
     if "unbalanced" in config.inits:
-        unbalance = jax.jit(optax_path.unbalance, static_argnums=2)
+        if isinstance(model, models.MLP):
+            unbalance = optax_path.unbalance
+        else:
+            cap = 30.0 if config.dtype == "float32" else None
+            unbalance = functools.partial(models.unbalance_channels, max_decades=cap)
+        unbalance = jax.jit(unbalance, static_argnums=2)
         params["unbalanced"] = unbalance(key_unbalance, params["balanced"], config.unbalanced_units)
     return params
 
@@ -175,7 +190,7 @@ def run_method(exp: Experiment, method: str) -> tuple[list[dict], list[dict]]:
       ``(metrics rows, selection rows)``.
     """
     c = exp.config
-    tx = make_optimizer(method)
+    tx = make_optimizer(method, exp.mode)
     train_step = make_train_step(exp.model, tx)
     search_inits = ("balanced",) if c.search_init == "balanced" else c.inits
     lrs, chosen_rows = {}, []
@@ -206,7 +221,7 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
     return [
         (
             f"Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. "
-            f"ReLU MLP, hidden layers {show(config.hidden)}, batch {config.batch_size}, "
+            f"{_network(config)}, batch {config.batch_size}, "
             f"{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. "
             f"Unbalanced init: {config.unbalanced_units} hidden units rescaled."
         ),
@@ -219,6 +234,12 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
         "",
         f"Wall time: {seconds:.0f} s.",
     ]
+
+
+def _network(config: Config) -> str:
+    if config.model == "mlp":
+        return f"ReLU MLP, hidden layers {show(config.hidden)}"
+    return f"ReLU CNN, 3x3 conv layers of {show(config.hidden)} channels with 2x2 average pooling"
 
 
 def reproduce(config: Config) -> None:

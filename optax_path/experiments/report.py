@@ -297,7 +297,8 @@ def summary_markdown(
       Markdown: per (data set, dropout), a table of the runs, the target test error
       and the Path-SGD agreement check; then the chosen step sizes.
     """
-    lines = ["# Path-SGD vs SGD vs AdaGrad (paper Section 5)", "", *preamble]
+    methods = " vs ".join(dict.fromkeys(row["method"] for row in rows))
+    lines = [f"# {methods} (paper Section 5)", "", *preamble]
     for title, drows in experiments(rows).items():
         table, target = run_table(drows)
         lines += ["", f"## {title}", "", *table, ""]

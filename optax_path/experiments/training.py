@@ -34,7 +34,7 @@ class Method(NamedTuple):
     """An optimisation method of the comparison.
 
     Attributes:
-      factory: Builds the method's transformation from ``learning_rate=`` (keyword).
+      factory: Builds the method's transformation from a step size and a path mode.
       description: One line for ``--help``.
     """
 
@@ -46,24 +46,30 @@ def _adagrad(learning_rate: float) -> optax.GradientTransformation:
     return optax.adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7)
 
 
-#: The methods, by command-line name. Add an entry to compare another method.
+#: The methods, by command-line name: ``factory(learning_rate, mode)``, where ``mode``
+#: holds the keyword arguments that say how to find the path scales (see
+#: :func:`optax_path.experiments.models.path_mode`). Add an entry to compare another.
 METHODS: dict[str, Method] = {
     "path-sgd": Method(
-        optax_path.path_sgd, "Path-SGD, p=2 (eq. 8): SGD on path-normalized gradients"
+        lambda lr, mode: optax_path.path_sgd(lr, **mode),
+        "Path-SGD, p=2 (eq. 8): SGD on path-normalized gradients",
     ),
-    "sgd": Method(optax.sgd, "plain mini-batch SGD"),
-    "adagrad": Method(_adagrad, "AdaGrad (initial accumulator 0.1, eps 1e-7)"),
+    "sgd": Method(lambda lr, mode: optax.sgd(lr), "plain mini-batch SGD"),
+    "adagrad": Method(
+        lambda lr, mode: _adagrad(lr), "AdaGrad (initial accumulator 0.1, eps 1e-7)"
+    ),
     "path-adagrad": Method(
-        optax_path.path_adagrad,
+        lambda lr, mode: optax_path.path_adagrad(lr, **mode),
         "the paper's Path-AdaGrad: AdaGrad on path-normalized gradients (not invariant)",
     ),
     "path-adagrad-geometry": Method(
-        lambda learning_rate: optax_path.path_geometry(_adagrad(learning_rate)),
+        lambda lr, mode: optax_path.path_geometry(_adagrad(lr), **mode),
         "AdaGrad in the path geometry: path_geometry(adagrad), rescaling invariant",
     ),
-    "adam": Method(optax.adam, "Adam (b1 0.9, b2 0.999, eps 1e-8)"),
+    "adam": Method(lambda lr, mode: optax.adam(lr), "Adam (b1 0.9, b2 0.999, eps 1e-8)"),
     "path-adam": Method(
-        optax_path.path_adam, "Adam in the path geometry: path_adam, rescaling invariant"
+        lambda lr, mode: optax_path.path_adam(lr, **mode),
+        "Adam in the path geometry: path_adam, rescaling invariant",
     ),
 }
 
@@ -95,18 +101,19 @@ def to_device(images: np.ndarray, labels: np.ndarray, dtype: str = "float32") ->
     return Data(jax.device_put(flat), jax.device_put(np.asarray(labels, np.int32)))
 
 
-def make_optimizer(method: str) -> optax.GradientTransformation:
+def make_optimizer(method: str, mode: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
     """Builds a method with its step size held in the state.
 
     Args:
       method: A key of :data:`METHODS`.
+      mode: How to find the path scales (default: the MLP mode).
 
     Returns:
       The transformation; set the step size with :func:`init_optimizer`.
     """
-    factory = METHODS[method].factory
+    factory, mode = METHODS[method].factory, dict(mode or {})
     # Only the step size is injected: other numeric defaults (such as p) stay static.
-    return optax.inject_hyperparams(lambda learning_rate: factory(learning_rate))(
+    return optax.inject_hyperparams(lambda learning_rate: factory(learning_rate, mode))(
         learning_rate=1.0
     )
 
