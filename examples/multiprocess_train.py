@@ -38,18 +38,28 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--coordinator', help='host:port of process 0, e.g. 10.0.0.1:12345')
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--process-id', type=int, default=0)
-  parser.add_argument('--auto', action='store_true',
-                      help='let jax.distributed.initialize() detect the cluster')
-  parser.add_argument('--local-devices', type=int, default=None,
-                      help='simulate this many CPU devices in each process (CPU only)')
+  parser.add_argument(
+    '--auto', action='store_true', help='let jax.distributed.initialize() detect the cluster'
+  )
+  parser.add_argument(
+    '--local-devices',
+    type=int,
+    default=None,
+    help='simulate this many CPU devices in each process (CPU only)',
+  )
   parser.add_argument('--model-axis', type=int, default=2, help="size of the mesh's 'model' axis")
-  parser.add_argument('--model', choices=('cnn', 'mlp'), default='cnn',
-                      help='cnn: residual CNN, general mode; mlp: ReLU MLP, MLP mode')
+  parser.add_argument(
+    '--model',
+    choices=('cnn', 'mlp'),
+    default='cnn',
+    help='cnn: residual CNN, general mode; mlp: ReLU MLP, MLP mode',
+  )
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--batch', type=int, default=32, help='global batch size')
   parser.add_argument('--learning-rate', type=float, default=0.05)
-  parser.add_argument('--timeout', type=int, default=60,
-                      help='seconds to wait for the other processes at start-up')
+  parser.add_argument(
+    '--timeout', type=int, default=60, help='seconds to wait for the other processes at start-up'
+  )
   parser.add_argument('--out', help='where process 0 writes the params and losses (.npz)')
   return parser.parse_args(argv)
 
@@ -57,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.local_devices:  # must be set before JAX starts its backend
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={args.local_devices}')
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '')
+      + f' --xla_force_host_platform_device_count={args.local_devices}'
+    )
   import jax
 
   # CPU processes exchange collectives through gloo (harmless on GPU and TPU).
@@ -66,8 +78,9 @@ def main(argv=None) -> int:
   if args.auto:
     jax.distributed.initialize(initialization_timeout=args.timeout)
   elif args.num_processes > 1:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               initialization_timeout=args.timeout)
+    jax.distributed.initialize(
+      args.coordinator, args.num_processes, args.process_id, initialization_timeout=args.timeout
+    )
   try:
     losses, params = train(args)
     if jax.process_index() == 0 and args.out:
@@ -108,7 +121,8 @@ def synthetic_data(steps, batch, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(steps, batch, 8, 8, 2)).astype(np.float32)
   labels = (images[..., 0].mean(axis=(2, 3)) > 0).astype(np.int32) * 2 + (
-    images[..., 1].mean(axis=(2, 3)) > 0).astype(np.int32)
+    images[..., 1].mean(axis=(2, 3)) > 0
+  ).astype(np.int32)
   return images, labels
 
 
@@ -120,8 +134,13 @@ def init_params(model, seed=0):
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 2), np.float32))
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-    lambda s: (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-    if len(s.shape) > 1 else np.zeros(s.shape, np.float32), shapes['params'])
+    lambda s: (
+      (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+      if len(s.shape) > 1
+      else np.zeros(s.shape, np.float32)
+    ),
+    shapes['params'],
+  )
 
 
 def local_rows(sharding, global_shape):
@@ -145,23 +164,32 @@ def train(args):
 
   devices = jax.device_count()
   if devices % args.model_axis:
-    raise SystemExit(f'{devices} devices do not fill a mesh with a model axis of {args.model_axis}.')
-  mesh = jax.make_mesh((devices // args.model_axis, args.model_axis), ('data', 'model'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    raise SystemExit(
+      f'{devices} devices do not fill a mesh with a model axis of {args.model_axis}.'
+    )
+  mesh = jax.make_mesh(
+    (devices // args.model_axis, args.model_axis),
+    ('data', 'model'),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
   model = make_model(args.model)
 
   # Params: the same values in every process, each device keeping its slice of the
   # output axis.
   host_params = init_params(model)
   param_shardings = jax.tree.map(
-    lambda w: NamedSharding(mesh, P(*([None] * (w.ndim - 1)), 'model')), host_params)
+    lambda w: NamedSharding(mesh, P(*([None] * (w.ndim - 1)), 'model')), host_params
+  )
   params = jax.tree.map(
     lambda w, s: jax.make_array_from_callback(w.shape, s, lambda index, w=w: w[index]),
-    host_params, param_shardings)
+    host_params,
+    param_shardings,
+  )
 
   if args.model == 'cnn':
     normalize = optax_path.path_normalize(
-      2.0, apply_fn=lambda q, x: model.apply({'params': q}, x), input_shape=(8, 8, 2))
+      2.0, apply_fn=lambda q, x: model.apply({'params': q}, x), input_shape=(8, 8, 2)
+    )
   else:
     normalize = optax_path.path_normalize(2.0)
   tx = optax.chain(normalize, optax.sgd(args.learning_rate))
@@ -178,8 +206,7 @@ def train(args):
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
     grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, state = tx.update(grads, state, params)
-    params = jax.lax.with_sharding_constraint(optax.apply_updates(params, updates),
-                                              param_shardings)
+    params = jax.lax.with_sharding_constraint(optax.apply_updates(params, updates), param_shardings)
     return params, state, jax.lax.with_sharding_constraint(loss, replicated)
 
   images, labels = synthetic_data(args.steps, args.batch)
@@ -193,8 +220,11 @@ def train(args):
     params, state, loss = step(params, state, x, y)
     losses.append(float(loss))
   if jax.process_index() == 0:
-    print(f'processes {jax.process_count()}, devices {devices}, mesh {dict(mesh.shape)}, '
-          f'loss {losses[0]:.4f} -> {losses[-1]:.4f}', flush=True)
+    print(
+      f'processes {jax.process_count()}, devices {devices}, mesh {dict(mesh.shape)}, '
+      f'loss {losses[0]:.4f} -> {losses[-1]:.4f}',
+      flush=True,
+    )
   from jax.experimental import multihost_utils
 
   return np.asarray(losses), multihost_utils.process_allgather(params, tiled=True)
@@ -204,8 +234,10 @@ def save(path, params, losses):
   import jax
   import numpy as np
 
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in key_path): np.asarray(leaf)
-          for key_path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+    '/'.join(str(getattr(k, 'key', k)) for k in key_path): np.asarray(leaf)
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
   np.savez(path, losses=losses, **{f'params/{name}': value for name, value in flat.items()})
 
 

@@ -181,11 +181,14 @@ print('path scales of the first kernel:', optax_path.path_scales(params)['Dense_
 
 
 def main():
-  notebook = new_notebook(cells=CELLS, metadata={
-    'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
-    'language_info': {'name': 'python'},
-    'colab': {'provenance': []},
-  })
+  notebook = new_notebook(
+    cells=CELLS,
+    metadata={
+      'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
+      'language_info': {'name': 'python'},
+      'colab': {'provenance': []},
+    },
+  )
   path = pathlib.Path(__file__).with_name('path_sgd.ipynb')
   nbformat.write(notebook, path)
   print('wrote', path)

@@ -1,5 +1,7 @@
 """Shared fixtures: float64 on demand, small random MLPs."""
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ def x64():
 def random_mlp(rng: np.random.Generator, widths, *, bias=True, dtype=np.float64, scale=1.0):
   """Linen-layout params of an MLP with the given widths (input first)."""
   params = {}
-  for l, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+  for l, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
     layer = {'kernel': (scale * rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
     if bias:
       layer['bias'] = (scale * rng.normal(size=n_out)).astype(dtype)

@@ -49,7 +49,8 @@ def mesh():
 def model_parallel(tree, mesh):
   """Every leaf split over 'model' on its last (output) axis."""
   return jax.tree.map(
-    lambda w: jax.device_put(w, NamedSharding(mesh, P(*([None] * (w.ndim - 1)), 'model'))), tree)
+    lambda w: jax.device_put(w, NamedSharding(mesh, P(*([None] * (w.ndim - 1)), 'model'))), tree
+  )
 
 
 def problem(name, steps=1):
@@ -57,9 +58,13 @@ def problem(name, steps=1):
   model, shape = CASES[name]
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, *shape)))['params']
-  params = jax.tree.map(lambda s: jnp.asarray(
-    rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) > 1 else 3),
-    jnp.float32), shapes)
+  params = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) if len(s.shape) > 1 else 3),
+      jnp.float32,
+    ),
+    shapes,
+  )
   inputs = jnp.asarray(rng.normal(size=(steps, 16, *shape)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 4, size=(steps, 16)))
   return model, shape, params, inputs, labels
@@ -134,8 +139,9 @@ def test_data_and_model_parallel_path_sgd_training(name):
     tx = optax.chain(optax_path.path_normalize(2.0, **mode), optax.sgd(0.05))
     step, train = make_train(model, tx)
     device = jax.devices()[0]
-    expected, expected_losses = train(jax.device_put(params, device),
-                                      jax.device_put(list(zip(inputs, labels)), device))
+    expected, expected_losses = train(
+      jax.device_put(params, device), jax.device_put(list(zip(inputs, labels)), device)
+    )
     sharded = model_parallel(params, m)
     batches = [jax.device_put(b, NamedSharding(m, P('data'))) for b in zip(inputs, labels)]
     trained, losses = train(sharded, batches)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_mlp
 
 import optax_path
-from conftest import random_mlp
 
 
 def enumerate_paths(params):
@@ -48,15 +48,20 @@ def brute_force(params, p):
     magnitudes = [abs(float(weight(params, e))) ** p for e in path]
     phi_p += np.prod(magnitudes)
     for i, edge in enumerate(path):
-      sums[edge] = sums.get(edge, 0.0) + np.prod(magnitudes[:i] + magnitudes[i + 1:])
+      sums[edge] = sums.get(edge, 0.0) + np.prod(magnitudes[:i] + magnitudes[i + 1 :])
   scales = {}
   for name, layer in params.items():
     l = int(name.split('_')[1])
     n_in, n_out = layer['kernel'].shape
-    scales[name] = {'kernel': np.array(
-      [[sums.get((l, u, v), 0.0) ** (2 / p) for v in range(n_out)] for u in range(n_in)])}
+    scales[name] = {
+      'kernel': np.array(
+        [[sums.get((l, u, v), 0.0) ** (2 / p) for v in range(n_out)] for u in range(n_in)]
+      )
+    }
     if 'bias' in layer:
-      scales[name]['bias'] = np.array([sums.get((l, 'bias', v), 0.0) ** (2 / p) for v in range(n_out)])
+      scales[name]['bias'] = np.array(
+        [sums.get((l, 'bias', v), 0.0) ** (2 / p) for v in range(n_out)]
+      )
   return scales, phi_p ** (1 / p)
 
 
@@ -100,9 +105,9 @@ def test_zero_weights_and_dead_units_match_enumeration(x64):
   """Exact zeros: a unit with no incoming path, one with no outgoing path."""
   rng = np.random.default_rng(7)
   params = random_mlp(rng, [3, 4, 4, 2], bias=True)
-  params['Dense_0']['kernel'][:, 1] = 0.0   # unit 1 of layer 0: no path from the input...
-  params['Dense_0']['bias'][1] = 0.0        # ...nor from a bias: gamma_in = 0
-  params['Dense_2']['kernel'][2, :] = 0.0   # unit 2 of layer 1: no path to the output
+  params['Dense_0']['kernel'][:, 1] = 0.0  # unit 1 of layer 0: no path from the input...
+  params['Dense_0']['bias'][1] = 0.0  # ...nor from a bias: gamma_in = 0
+  params['Dense_2']['kernel'][2, :] = 0.0  # unit 2 of layer 1: no path to the output
   params['Dense_1']['kernel'][0, 3] = 0.0
   expected_scales, expected_norm = brute_force(params, 2.0)
   params = jax.tree.map(jnp.asarray, params)
@@ -121,7 +126,7 @@ def test_path_norm_gradient_matches_finite_differences(x64):
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   norm = jax.jit(lambda v: optax_path.path_norm(unravel(v), p))
   eps = 1e-6
-  numeric = np.array([
-    (norm(flat.at[i].add(eps)) - norm(flat.at[i].add(-eps))) / (2 * eps) for i in range(flat.size)
-  ])
+  numeric = np.array(
+    [(norm(flat.at[i].add(eps)) - norm(flat.at[i].add(-eps))) / (2 * eps) for i in range(flat.size)]
+  )
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grads)[0], numeric, rtol=1e-6, atol=1e-9)

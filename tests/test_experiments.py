@@ -19,421 +19,439 @@ NAN = math.nan
 
 
 def small_digits(num_train: int = 300, num_test: int = 100) -> data.Dataset:
-    """A slice of scikit-learn's digits as a Dataset (no dependence on data.py's split)."""
-    images, labels = sklearn.datasets.load_digits(return_X_y=True)
-    images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-    labels = labels.astype(np.int32)
-    end = num_train + num_test
-    return data.Dataset(
-        "digits",
-        images[:num_train],
-        labels[:num_train],
-        images[num_train:end],
-        labels[num_train:end],
-        10,
-    )
+  """A slice of scikit-learn's digits as a Dataset (no dependence on data.py's split)."""
+  images, labels = sklearn.datasets.load_digits(return_X_y=True)
+  images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+  labels = labels.astype(np.int32)
+  end = num_train + num_test
+  return data.Dataset(
+    'digits',
+    images[:num_train],
+    labels[:num_train],
+    images[num_train:end],
+    labels[num_train:end],
+    10,
+  )
 
 
 def parse(*argv: str) -> cli.Config:
-    parser = cli.build_parser()
-    return cli.make_config(parser.parse_args(["reproduce", *argv]), parser)
+  parser = cli.build_parser()
+  return cli.make_config(parser.parse_args(['reproduce', *argv]), parser)
 
 
 # ----------------------------------------------------------------------------------- CLI
 
 
 def test_defaults():
-    config = parse()
-    assert config.dataset == "digits"
-    assert config.methods == ("path-sgd", "sgd", "adagrad")
-    assert config.inits == ("balanced", "unbalanced")
-    assert config.batch_size == 100 and config.dropout == 0.0
-    assert config.unbalanced_units == cli.default_unbalanced_units(config.hidden)
-    assert config.learning_rates == {}
-    assert config.out.endswith("digits")
+  config = parse()
+  assert config.dataset == 'digits'
+  assert config.methods == ('path-sgd', 'sgd', 'adagrad')
+  assert config.inits == ('balanced', 'unbalanced')
+  assert config.batch_size == 100 and config.dropout == 0.0
+  assert config.unbalanced_units == cli.default_unbalanced_units(config.hidden)
+  assert config.learning_rates == {}
+  assert config.out.endswith('digits')
 
 
 def test_lr_option_is_repeatable():
-    config = parse("--lr", "path-sgd=0.1", "--lr", "sgd=1e-2")
-    assert config.learning_rates == {"path-sgd": 0.1, "sgd": 0.01}
+  config = parse('--lr', 'path-sgd=0.1', '--lr', 'sgd=1e-2')
+  assert config.learning_rates == {'path-sgd': 0.1, 'sgd': 0.01}
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [
-        ["--lr", "nesterov=0.1"],  # unknown method
-        ["--lr", "path-sgd:0.1"],  # no '='
-        ["--lr", "sgd=fast"],  # not a number
-        ["--lr", "sgd=-1"],  # not positive
-        ["--methods", "path-sgd", "--lr", "sgd=0.1"],  # not among --methods
-        ["--methods", "rmsprop"],
-        ["--inits", "orthogonal"],
-        ["--dataset", "imagenet"],
-        ["--dropout", "1.0"],
-        ["--epochs", "0"],
-    ],
+  'argv',
+  [
+    ['--lr', 'nesterov=0.1'],  # unknown method
+    ['--lr', 'path-sgd:0.1'],  # no '='
+    ['--lr', 'sgd=fast'],  # not a number
+    ['--lr', 'sgd=-1'],  # not positive
+    ['--methods', 'path-sgd', '--lr', 'sgd=0.1'],  # not among --methods
+    ['--methods', 'rmsprop'],
+    ['--inits', 'orthogonal'],
+    ['--dataset', 'imagenet'],
+    ['--dropout', '1.0'],
+    ['--epochs', '0'],
+  ],
 )
 def test_bad_options_exit(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse(*argv)
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exc:
+    parse(*argv)
+  assert exc.value.code == 2
+  assert 'error' in capsys.readouterr().err
 
 
 def test_paper_preset_and_explicit_override():
-    config = parse("--paper")
-    assert config.hidden == (4000, 4000) and config.epochs == 100
-    assert config.alphas == tuple(range(11)) and config.unbalanced_units == 2000
-    config = parse("--paper", "--epochs", "3", "--hidden", "10")
-    assert config.epochs == 3 and config.hidden == (10,)
-    assert config.unbalanced_units == 2000
+  config = parse('--paper')
+  assert config.hidden == (4000, 4000) and config.epochs == 100
+  assert config.alphas == tuple(range(11)) and config.unbalanced_units == 2000
+  config = parse('--paper', '--epochs', '3', '--hidden', '10')
+  assert config.epochs == 3 and config.hidden == (10,)
+  assert config.unbalanced_units == 2000
 
 
 def test_default_out_separates_dropout_runs():
-    assert parse("--dataset", "mnist").out == "runs/mnist"
-    assert parse("--dataset", "mnist", "--dropout", "0.5").out == "runs/mnist-dropout0.5"
-    assert parse("--out", "x").out == "x"
+  assert parse('--dataset', 'mnist').out == 'runs/mnist'
+  assert parse('--dataset', 'mnist', '--dropout', '0.5').out == 'runs/mnist-dropout0.5'
+  assert parse('--out', 'x').out == 'x'
 
 
 def test_unbalanced_units_scale_with_the_net():
-    assert cli.default_unbalanced_units([4000, 4000]) == 2000
-    assert cli.default_unbalanced_units([256, 256]) == 128
-    assert cli.default_unbalanced_units([1]) == 1
+  assert cli.default_unbalanced_units([4000, 4000]) == 2000
+  assert cli.default_unbalanced_units([256, 256]) == 128
+  assert cli.default_unbalanced_units([1]) == 1
 
 
 def test_help_lists_the_methods(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["reproduce", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    for name, method in training.METHODS.items():
-        assert name in out and method.description in out
+  with pytest.raises(SystemExit) as exc:
+    cli.main(['reproduce', '--help'])
+  assert exc.value.code == 0
+  out = capsys.readouterr().out
+  for name, method in training.METHODS.items():
+    assert name in out and method.description in out
 
 
 # ----------------------------------------------------------------------------- selection
 
 
 def test_selection_prefers_lowest_error():
-    a = selection.summarize(1, [0.9, 0.3, 0.2, 0.25])
-    b = selection.summarize(2, [0.9, 0.5, 0.1, 0.1])
-    assert (b.best_error, b.best_epoch, b.final_error) == (0.1, 2, 0.1)
-    assert selection.choose([a, b]).alpha == 2
+  a = selection.summarize(1, [0.9, 0.3, 0.2, 0.25])
+  b = selection.summarize(2, [0.9, 0.5, 0.1, 0.1])
+  assert (b.best_error, b.best_epoch, b.final_error) == (0.1, 2, 0.1)
+  assert selection.choose([a, b]).alpha == 2
 
 
 def test_selection_breaks_ties_by_earliest_epoch():
-    slow = selection.summarize(3, [0.9, 0.5, 0.3, 0.1])
-    fast = selection.summarize(1, [0.9, 0.1, 0.2, 0.2])
-    assert selection.choose([slow, fast]).alpha == 1
-    same_a = selection.summarize(1, [0.9, 0.1])
-    same_b = selection.summarize(2, [0.9, 0.1])
-    assert selection.choose([same_a, same_b]).alpha == 2  # then the smaller step
+  slow = selection.summarize(3, [0.9, 0.5, 0.3, 0.1])
+  fast = selection.summarize(1, [0.9, 0.1, 0.2, 0.2])
+  assert selection.choose([slow, fast]).alpha == 1
+  same_a = selection.summarize(1, [0.9, 0.1])
+  same_b = selection.summarize(2, [0.9, 0.1])
+  assert selection.choose([same_a, same_b]).alpha == 2  # then the smaller step
 
 
 def test_diverged_runs_lose():
-    nan_run = selection.summarize(0, [0.9, 0.01, NAN])  # best before it blew up
-    inf_flag = selection.summarize(4, [0.9, 0.02], diverged=True)
-    ok = selection.summarize(1, [0.9, 0.5, 0.4])
-    assert nan_run.diverged and nan_run.best_error == 0.01 and math.isnan(nan_run.final_error)
-    assert selection.choose([nan_run, inf_flag, ok]).alpha == 1
-    all_nan = selection.summarize(2, [NAN, NAN])
-    assert all_nan.diverged and all_nan.best_epoch == -1
-    assert selection.choose([all_nan, nan_run]).alpha == 0  # all diverged: still a choice
-    with pytest.raises(ValueError):
-        selection.choose([])
+  nan_run = selection.summarize(0, [0.9, 0.01, NAN])  # best before it blew up
+  inf_flag = selection.summarize(4, [0.9, 0.02], diverged=True)
+  ok = selection.summarize(1, [0.9, 0.5, 0.4])
+  assert nan_run.diverged and nan_run.best_error == 0.01 and math.isnan(nan_run.final_error)
+  assert selection.choose([nan_run, inf_flag, ok]).alpha == 1
+  all_nan = selection.summarize(2, [NAN, NAN])
+  assert all_nan.diverged and all_nan.best_epoch == -1
+  assert selection.choose([all_nan, nan_run]).alpha == 0  # all diverged: still a choice
+  with pytest.raises(ValueError):
+    selection.choose([])
 
 
 def test_search_runs_every_alpha():
-    curves = {0: ([0.9, NAN], True), 1: ([0.9, 0.2, 0.1], False), 2: ([0.9, 0.4, 0.3], False)}
-    candidates, chosen = selection.search(lambda alpha: curves[alpha], [0, 1, 2])
-    assert [c.alpha for c in candidates] == [0, 1, 2]
-    assert chosen.alpha == 1 and chosen.learning_rate == pytest.approx(0.1)
+  curves = {0: ([0.9, NAN], True), 1: ([0.9, 0.2, 0.1], False), 2: ([0.9, 0.4, 0.3], False)}
+  candidates, chosen = selection.search(lambda alpha: curves[alpha], [0, 1, 2])
+  assert [c.alpha for c in candidates] == [0, 1, 2]
+  assert chosen.alpha == 1 and chosen.learning_rate == pytest.approx(0.1)
 
 
 def test_validation_split():
-    assert selection.validation_size(60000) == 10000
-    assert selection.validation_size(1437) == 287
-    fit, val = selection.split_validation(1437, seed=0)
-    assert len(val) == 287 and len(fit) == 1150
-    assert len(np.union1d(fit, val)) == 1437
+  assert selection.validation_size(60000) == 10000
+  assert selection.validation_size(1437) == 287
+  fit, val = selection.split_validation(1437, seed=0)
+  assert len(val) == 287 and len(fit) == 1150
+  assert len(np.union1d(fit, val)) == 1437
 
 
 # ------------------------------------------------------------------------ model, training
 
 
 def test_balanced_init_and_dropout():
-    model = MLP(hidden=(200, 100), num_classes=10, dropout_rate=0.5)
-    params = init_params(model, jax.random.key(0), (8, 8, 1))
-    assert list(params) == ["Dense_0", "Dense_1", "Dense_2"]
-    for layer in params.values():
-        kernel = layer["kernel"]
-        assert float(jnp.std(kernel)) == pytest.approx(1 / math.sqrt(kernel.shape[0]), rel=0.1)
-        assert not jnp.any(layer["bias"])
-    apply = jax.jit(
-        lambda x, train, key: model.apply(
-            {"params": params}, x, train=train, rngs={"dropout": key}
-        ),
-        static_argnums=1,
-    )
-    x, key = jnp.ones((4, 8, 8, 1)), jax.random.key(1)
-    assert jnp.array_equal(apply(x, False, key), apply(x, False, jax.random.key(2)))
-    assert not jnp.allclose(apply(x, True, key), apply(x, False, key))
+  model = MLP(hidden=(200, 100), num_classes=10, dropout_rate=0.5)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  assert list(params) == ['Dense_0', 'Dense_1', 'Dense_2']
+  for layer in params.values():
+    kernel = layer['kernel']
+    assert float(jnp.std(kernel)) == pytest.approx(1 / math.sqrt(kernel.shape[0]), rel=0.1)
+    assert not jnp.any(layer['bias'])
+  apply = jax.jit(
+    lambda x, train, key: model.apply({'params': params}, x, train=train, rngs={'dropout': key}),
+    static_argnums=1,
+  )
+  x, key = jnp.ones((4, 8, 8, 1)), jax.random.key(1)
+  assert jnp.array_equal(apply(x, False, key), apply(x, False, jax.random.key(2)))
+  assert not jnp.allclose(apply(x, True, key), apply(x, False, key))
 
 
 def test_epoch_batches_cover_every_example_once():
-    examples = np.arange(1000, 1250)
-    indices, mask = training.epoch_batches(np.random.default_rng(0), examples, 100)
-    assert indices.shape == mask.shape == (3, 100)
-    assert sorted(indices[mask == 1].tolist()) == examples.tolist()
-    assert mask.sum() == 250
+  examples = np.arange(1000, 1250)
+  indices, mask = training.epoch_batches(np.random.default_rng(0), examples, 100)
+  assert indices.shape == mask.shape == (3, 100)
+  assert sorted(indices[mask == 1].tolist()) == examples.tolist()
+  assert mask.sum() == 250
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tiny():
-    """A small net, its parameters and 200 training digits on the device."""
-    ds = small_digits(200, 10)
-    model = MLP((8,), 10)
-    params = init_params(model, jax.random.key(0), (8, 8, 1))
-    return model, params, training.to_device(ds.train_images, ds.train_labels)
+  """A small net, its parameters and 200 training digits on the device."""
+  ds = small_digits(200, 10)
+  model = MLP((8,), 10)
+  params = init_params(model, jax.random.key(0), (8, 8, 1))
+  return model, params, training.to_device(ds.train_images, ds.train_labels)
 
 
 def test_evaluate_matches_a_direct_computation(tiny):
-    model, params, data_ = tiny
-    subset = np.arange(3, 140, 2)
-    loss, error = training.make_evaluate(model, chunk=32)(params, data_, subset)
-    logits = model.apply({"params": params}, data_.images[subset])
-    labels = data_.labels[subset]
-    assert loss == pytest.approx(float(training.cross_entropy(logits, labels).mean()), rel=1e-5)
-    assert error == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) != labels)))
+  model, params, data_ = tiny
+  subset = np.arange(3, 140, 2)
+  loss, error = training.make_evaluate(model, chunk=32)(params, data_, subset)
+  logits = model.apply({'params': params}, data_.images[subset])
+  labels = data_.labels[subset]
+  assert loss == pytest.approx(float(training.cross_entropy(logits, labels).mean()), rel=1e-5)
+  assert error == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) != labels)))
 
 
 def test_diverging_run_stops_without_crashing(tiny):
-    model, params, data_ = tiny
-    tx = training.make_optimizer("sgd")
-    train = np.arange(200)
-    spec = training.RunSpec(
-        training.make_train_step(model, tx),
-        training.make_evaluate(model),
-        data_,
-        train,
-        {"train": train},
-        epochs=5,
-        batch_size=50,
-        seed=0,
-    )
-    history = training.train(
-        spec, params, training.init_optimizer(tx, params, 1e30), progress=False
-    )
-    assert len(history) < 6
-    assert training.is_diverged({k: history[-1][k] for k in ("train_loss", "train_error")})
-    assert math.isfinite(history[0]["train_loss"])
+  model, params, data_ = tiny
+  tx = training.make_optimizer('sgd')
+  train = np.arange(200)
+  spec = training.RunSpec(
+    training.make_train_step(model, tx),
+    training.make_evaluate(model),
+    data_,
+    train,
+    {'train': train},
+    epochs=5,
+    batch_size=50,
+    seed=0,
+  )
+  history = training.train(spec, params, training.init_optimizer(tx, params, 1e30), progress=False)
+  assert len(history) < 6
+  assert training.is_diverged({k: history[-1][k] for k in ('train_loss', 'train_error')})
+  assert math.isfinite(history[0]['train_loss'])
 
 
 # ------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_dataset", lambda name, data_dir=None, **kw: small_digits())
-        status = cli.main(
-            [
-                "reproduce",
-                "--dataset",
-                "digits",
-                "--hidden",
-                "16",
-                "--epochs",
-                "2",
-                "--search-epochs",
-                "2",
-                "--alphas",
-                "1",
-                "2",
-                "--out",
-                str(out),
-                "--quiet",
-                "--lr",
-                "adagrad=0.05",
-            ]
-        )
-    assert status == 0
-    return out
+  out = tmp_path_factory.mktemp('run')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(data, 'load_dataset', lambda name, data_dir=None, **kw: small_digits())
+    status = cli.main(
+      [
+        'reproduce',
+        '--dataset',
+        'digits',
+        '--hidden',
+        '16',
+        '--epochs',
+        '2',
+        '--search-epochs',
+        '2',
+        '--alphas',
+        '1',
+        '2',
+        '--out',
+        str(out),
+        '--quiet',
+        '--lr',
+        'adagrad=0.05',
+      ]
+    )
+  assert status == 0
+  return out
 
 
 def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
+  with open(path, newline='') as f:
+    return list(csv.reader(f))
 
 
 def test_end_to_end_writes_the_four_files(run_dir):
-    for name in ("metrics.csv", "selection.csv", "figure.png", "summary.md"):
-        assert (run_dir / name).stat().st_size > 0
+  for name in ('metrics.csv', 'selection.csv', 'figure.png', 'summary.md'):
+    assert (run_dir / name).stat().st_size > 0
 
 
 def test_metrics_csv(run_dir):
-    header, *rows = read_rows(run_dir / "metrics.csv")
-    assert header == [
-        "dataset",
-        "method",
-        "init",
-        "dropout",
-        "learning_rate",
-        "epoch",
-        "train_loss",
-        "train_error",
-        "test_error",
-        "seconds",
-    ]
-    assert len(rows) == 3 * 2 * 3  # methods x inits x epochs 0..2
-    metrics = report.read_csv(run_dir / "metrics.csv")
-    assert {r["method"] for r in metrics} == {"path-sgd", "sgd", "adagrad"}
-    assert {r["init"] for r in metrics} == {"balanced", "unbalanced"}
-    assert sorted({r["epoch"] for r in metrics}) == [0, 1, 2]
-    for rows in report.group(metrics, ("method",)).values():
-        assert len({r["learning_rate"] for r in rows}) == 1  # chosen on balanced, used for both
-    assert {r["learning_rate"] for r in metrics if r["method"] == "adagrad"} == {0.05}
+  header, *rows = read_rows(run_dir / 'metrics.csv')
+  assert header == [
+    'dataset',
+    'method',
+    'init',
+    'dropout',
+    'learning_rate',
+    'epoch',
+    'train_loss',
+    'train_error',
+    'test_error',
+    'seconds',
+  ]
+  assert len(rows) == 3 * 2 * 3  # methods x inits x epochs 0..2
+  metrics = report.read_csv(run_dir / 'metrics.csv')
+  assert {r['method'] for r in metrics} == {'path-sgd', 'sgd', 'adagrad'}
+  assert {r['init'] for r in metrics} == {'balanced', 'unbalanced'}
+  assert sorted({r['epoch'] for r in metrics}) == [0, 1, 2]
+  for rows in report.group(metrics, ('method',)).values():
+    assert len({r['learning_rate'] for r in rows}) == 1  # chosen on balanced, used for both
+  assert {r['learning_rate'] for r in metrics if r['method'] == 'adagrad'} == {0.05}
 
 
 def test_selection_csv(run_dir):
-    rows = report.read_csv(run_dir / "selection.csv")
-    assert len(rows) == 2 * 2  # searched methods x alphas (adagrad's step is fixed by --lr)
-    assert {r["method"] for r in rows} == {"path-sgd", "sgd"}
-    for method_rows in report.group(rows, ("method",)).values():
-        assert sum(r["chosen"] for r in method_rows) == 1
-        assert sorted(r["alpha"] for r in method_rows) == [1, 2]
+  rows = report.read_csv(run_dir / 'selection.csv')
+  assert len(rows) == 2 * 2  # searched methods x alphas (adagrad's step is fixed by --lr)
+  assert {r['method'] for r in rows} == {'path-sgd', 'sgd'}
+  for method_rows in report.group(rows, ('method',)).values():
+    assert sum(r['chosen'] for r in method_rows) == 1
+    assert sorted(r['alpha'] for r in method_rows) == [1, 2]
 
 
 def test_path_sgd_curves_agree_across_inits(run_dir):
-    diff = report.path_sgd_agreement(report.read_csv(run_dir / "metrics.csv"))
-    assert max(diff.values()) < report.AGREEMENT_TOLERANCE
-    assert "agree" in (run_dir / "summary.md").read_text()
+  diff = report.path_sgd_agreement(report.read_csv(run_dir / 'metrics.csv'))
+  assert max(diff.values()) < report.AGREEMENT_TOLERANCE
+  assert 'agree' in (run_dir / 'summary.md').read_text()
 
 
 # --------------------------------------------------------------------------- report
 
 
-def synthetic_rows(dataset="digits", dropout=0.0, diverge=False):
-    rows = []
-    for method, init in [
-        ("path-sgd", "balanced"),
-        ("path-sgd", "unbalanced"),
-        ("sgd", "balanced"),
-        ("sgd", "unbalanced"),
-    ]:
-        for epoch in range(4):
-            bad = diverge and method == "sgd" and init == "unbalanced" and epoch == 3
-            err = 0.5 / (epoch + 1)
-            rows.append(
-                {
-                    "dataset": dataset,
-                    "method": method,
-                    "init": init,
-                    "dropout": dropout,
-                    "learning_rate": 0.1,
-                    "epoch": epoch,
-                    "train_loss": NAN if bad else 2 * err,
-                    "train_error": NAN if bad else err,
-                    "test_error": NAN if bad else err + 0.01,
-                    "seconds": float(epoch),
-                }
-            )
-    return rows
+def synthetic_rows(dataset='digits', dropout=0.0, diverge=False):
+  rows = []
+  for method, init in [
+    ('path-sgd', 'balanced'),
+    ('path-sgd', 'unbalanced'),
+    ('sgd', 'balanced'),
+    ('sgd', 'unbalanced'),
+  ]:
+    for epoch in range(4):
+      bad = diverge and method == 'sgd' and init == 'unbalanced' and epoch == 3
+      err = 0.5 / (epoch + 1)
+      rows.append(
+        {
+          'dataset': dataset,
+          'method': method,
+          'init': init,
+          'dropout': dropout,
+          'learning_rate': 0.1,
+          'epoch': epoch,
+          'train_loss': NAN if bad else 2 * err,
+          'train_error': NAN if bad else err,
+          'test_error': NAN if bad else err + 0.01,
+          'seconds': float(epoch),
+        }
+      )
+  return rows
 
 
 def test_max_abs_difference_handles_nan_and_length():
-    a = [{"epoch": 0, "x": 1.0}, {"epoch": 1, "x": NAN}]
-    assert report.max_abs_difference(a, a, ["x"]) == {"x": 0.0}
-    b = [{"epoch": 0, "x": 1.5}, {"epoch": 1, "x": 2.0}]
-    assert report.max_abs_difference(a, b, ["x"]) == {"x": math.inf}
-    assert report.max_abs_difference(a, a[:1], ["x"]) == {"x": math.inf}
+  a = [{'epoch': 0, 'x': 1.0}, {'epoch': 1, 'x': NAN}]
+  assert report.max_abs_difference(a, a, ['x']) == {'x': 0.0}
+  b = [{'epoch': 0, 'x': 1.5}, {'epoch': 1, 'x': 2.0}]
+  assert report.max_abs_difference(a, b, ['x']) == {'x': math.inf}
+  assert report.max_abs_difference(a, a[:1], ['x']) == {'x': math.inf}
 
 
 def test_summary_marks_divergence_and_target():
-    text = report.summary_markdown(synthetic_rows(diverge=True))
-    assert "| sgd | unbalanced |" in text and "diverged, epoch 3" in text
-    assert "1.1 x the best final test error" in text
-    assert "agree" in text
+  text = report.summary_markdown(synthetic_rows(diverge=True))
+  assert '| sgd | unbalanced |' in text and 'diverged, epoch 3' in text
+  assert '1.1 x the best final test error' in text
+  assert 'agree' in text
 
 
 def test_plot_command_combines_runs(tmp_path):
-    for name, dataset, dropout in [("a", "digits", 0.0), ("b", "mnist", 0.5)]:
-        (tmp_path / name).mkdir()
-        report.write_csv(
-            tmp_path / name / "metrics.csv",
-            report.METRIC_COLUMNS,
-            synthetic_rows(dataset, dropout, diverge=True),
-        )
-    out, summary = tmp_path / "fig.png", tmp_path / "all.md"
-    assert (
-        cli.main(
-            [
-                "plot",
-                str(tmp_path / "a"),
-                str(tmp_path / "b"),
-                "--out",
-                str(out),
-                "--summary",
-                str(summary),
-            ]
-        )
-        == 0
+  for name, dataset, dropout in [('a', 'digits', 0.0), ('b', 'mnist', 0.5)]:
+    (tmp_path / name).mkdir()
+    report.write_csv(
+      tmp_path / name / 'metrics.csv',
+      report.METRIC_COLUMNS,
+      synthetic_rows(dataset, dropout, diverge=True),
     )
-    assert out.stat().st_size > 0
-    text = summary.read_text()
-    assert "## digits" in text and "## mnist, dropout 0.5" in text
+  out, summary = tmp_path / 'fig.png', tmp_path / 'all.md'
+  assert (
+    cli.main(
+      [
+        'plot',
+        str(tmp_path / 'a'),
+        str(tmp_path / 'b'),
+        '--out',
+        str(out),
+        '--summary',
+        str(summary),
+      ]
+    )
+    == 0
+  )
+  assert out.stat().st_size > 0
+  text = summary.read_text()
+  assert '## digits' in text and '## mnist, dropout 0.5' in text
 
 
 def test_csv_round_trip_keeps_nan_and_precision(tmp_path):
-    rows = synthetic_rows(diverge=True)
-    report.write_csv(tmp_path / "m.csv", report.METRIC_COLUMNS, rows)
-    back = report.read_csv(tmp_path / "m.csv")
-    assert len(back) == len(rows)
-    for r, b in zip(rows, back):
-        for k in report.METRIC_COLUMNS:
-            assert r[k] == b[k] or (
-                isinstance(r[k], float) and math.isnan(r[k]) and math.isnan(b[k])
-            )
+  rows = synthetic_rows(diverge=True)
+  report.write_csv(tmp_path / 'm.csv', report.METRIC_COLUMNS, rows)
+  back = report.read_csv(tmp_path / 'm.csv')
+  assert len(back) == len(rows)
+  for r, b in zip(rows, back):
+    for k in report.METRIC_COLUMNS:
+      assert r[k] == b[k] or (isinstance(r[k], float) and math.isnan(r[k]) and math.isnan(b[k]))
 
 
 # ------------------------------------------------------------------ the CNN (general mode)
 
 
 def test_unbalance_channels_keeps_the_function_and_the_path_norm():
-    from optax_path.experiments.models import CNN, path_mode, unbalance_channels
+  import optax_path
+  from optax_path.experiments.models import CNN, path_mode, unbalance_channels
 
-    import optax_path
-
-    model = CNN((4, 8), 10, (8, 8, 1))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
-    unbalanced = unbalance_channels(jax.random.key(1), params, 6)
-    x = jax.random.normal(jax.random.key(2), (5, 64))
-    a, b = model.apply({"params": params}, x), model.apply({"params": unbalanced}, x)
-    assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5
-    assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(unbalanced)) > 10.0
-    mode = path_mode(model, 64)
-    np.testing.assert_allclose(
-        optax_path.log_path_norm(unbalanced, **mode), optax_path.log_path_norm(params, **mode),
-        rtol=1e-5,
-    )
-    capped = unbalance_channels(jax.random.key(1), params, 200, max_decades=2.0)
-    assert float(jnp.max(jnp.abs(capped["Conv_0"]["bias"]))) == 0.0  # zero biases stay zero
-    assert float(jnp.max(jnp.abs(capped["Conv_0"]["kernel"]) / jnp.abs(params["Conv_0"]["kernel"]))) <= 100.0 * (1 + 1e-5)
+  model = CNN((4, 8), 10, (8, 8, 1))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64)))['params']
+  unbalanced = unbalance_channels(jax.random.key(1), params, 6)
+  x = jax.random.normal(jax.random.key(2), (5, 64))
+  a, b = model.apply({'params': params}, x), model.apply({'params': unbalanced}, x)
+  assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5
+  assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(unbalanced)) > 10.0
+  mode = path_mode(model, 64)
+  np.testing.assert_allclose(
+    optax_path.log_path_norm(unbalanced, **mode),
+    optax_path.log_path_norm(params, **mode),
+    rtol=1e-5,
+  )
+  capped = unbalance_channels(jax.random.key(1), params, 200, max_decades=2.0)
+  assert float(jnp.max(jnp.abs(capped['Conv_0']['bias']))) == 0.0  # zero biases stay zero
+  assert float(
+    jnp.max(jnp.abs(capped['Conv_0']['kernel']) / jnp.abs(params['Conv_0']['kernel']))
+  ) <= 100.0 * (1 + 1e-5)
 
 
 def test_cnn_end_to_end_path_sgd_curves_agree(tmp_path):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "load_dataset", lambda name, data_dir=None, **kw: small_digits())
-        status = cli.main(["reproduce", "--model", "cnn", "--hidden", "4", "8", "--epochs", "2",
-                           "--search-epochs", "1", "--alphas", "1", "--methods", "path-sgd",
-                           "path-adam", "sgd", "--out", str(tmp_path), "--quiet"])
-    assert status == 0
-    for name in ("metrics.csv", "selection.csv", "figure.png", "summary.md"):
-        assert (tmp_path / name).stat().st_size > 0
-    metrics = report.read_csv(tmp_path / "metrics.csv")
-    assert len(metrics) == 3 * 2 * 3
-    for method in ("path-sgd", "path-adam"):
-        by_init = {init: [r["train_loss"] for r in metrics if r["method"] == method and r["init"] == init]
-                   for init in ("balanced", "unbalanced")}
-        np.testing.assert_allclose(by_init["balanced"], by_init["unbalanced"], rtol=1e-6)
-    assert "ReLU CNN" in (tmp_path / "summary.md").read_text()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(data, 'load_dataset', lambda name, data_dir=None, **kw: small_digits())
+    status = cli.main(
+      [
+        'reproduce',
+        '--model',
+        'cnn',
+        '--hidden',
+        '4',
+        '8',
+        '--epochs',
+        '2',
+        '--search-epochs',
+        '1',
+        '--alphas',
+        '1',
+        '--methods',
+        'path-sgd',
+        'path-adam',
+        'sgd',
+        '--out',
+        str(tmp_path),
+        '--quiet',
+      ]
+    )
+  assert status == 0
+  for name in ('metrics.csv', 'selection.csv', 'figure.png', 'summary.md'):
+    assert (tmp_path / name).stat().st_size > 0
+  metrics = report.read_csv(tmp_path / 'metrics.csv')
+  assert len(metrics) == 3 * 2 * 3
+  for method in ('path-sgd', 'path-adam'):
+    by_init = {
+      init: [r['train_loss'] for r in metrics if r['method'] == method and r['init'] == init]
+      for init in ('balanced', 'unbalanced')
+    }
+    np.testing.assert_allclose(by_init['balanced'], by_init['unbalanced'], rtol=1e-6)
+  assert 'ReLU CNN' in (tmp_path / 'summary.md').read_text()

@@ -78,14 +78,16 @@ def get(params, name):
 
 def brute_force(params, p, strides, padding):
   """(scales, phi_p) by summing over explicit paths: a shared entry sums over its edges."""
-  sums = {name: np.zeros(get(params, name).shape) for name in
-          ('Conv_0/kernel', 'Conv_0/bias', 'Dense_0/kernel', 'Dense_0/bias')}
+  sums = {
+    name: np.zeros(get(params, name).shape)
+    for name in ('Conv_0/kernel', 'Conv_0/bias', 'Dense_0/kernel', 'Dense_0/bias')
+  }
   phi_p = 0.0
   for path in explicit_paths(params, strides, padding):
     q = [abs(get(params, name)[index]) ** p for name, index in path]
     phi_p += np.prod(q)
     for e, (name, index) in enumerate(path):
-      sums[name][index] += np.prod(q[:e] + q[e + 1:])
+      sums[name][index] += np.prod(q[:e] + q[e + 1 :])
   scales = {}
   for name, total in sums.items():
     layer, leaf = name.split('/')
@@ -134,16 +136,17 @@ def test_conv_scales_update_and_norm_match_explicit_edges(x64, strides, padding)
   model = ConvNet(strides, padding)
   params = random_params(model, INPUT)
   mode = {'apply_fn': lambda q, x: model.apply({'params': q}, x), 'input_shape': INPUT}
-  grads = jax.tree.map(lambda w: jnp.asarray(np.random.default_rng(1).normal(size=w.shape)),
-                       params)
+  grads = jax.tree.map(lambda w: jnp.asarray(np.random.default_rng(1).normal(size=w.shape)), params)
 
   ps = (2.0, 1.0) if strides == (1, 1) else (2.0,)
 
   @jax.jit
   def general_mode(params, grads):
     updates, _ = optax_path.path_normalize(2.0, **mode).update(grads, optax.EmptyState(), params)
-    return updates, [(optax_path.path_scales(params, p, **mode),
-                      optax_path.path_norm(params, p, **mode)) for p in ps]
+    return updates, [
+      (optax_path.path_scales(params, p, **mode), optax_path.path_norm(params, p, **mode))
+      for p in ps
+    ]
 
   updates, results = general_mode(params, grads)
   for p, (scales, norm) in zip(ps, results):
@@ -223,10 +226,13 @@ def rescale_branch_channels(params, factors):
   """Output channel k of branch_in (kernel slice, bias) times c_k; branch_out's input
   channel k divided by c_k. Inside the residual branch, so the skip is untouched."""
   params = jax.tree.map(lambda w: w, params)
-  params['branch_in'] = {'kernel': params['branch_in']['kernel'] * factors,
-                         'bias': params['branch_in']['bias'] * factors}
-  params['branch_out'] = dict(params['branch_out'],
-                              kernel=params['branch_out']['kernel'] / factors[:, None])
+  params['branch_in'] = {
+    'kernel': params['branch_in']['kernel'] * factors,
+    'bias': params['branch_in']['bias'] * factors,
+  }
+  params['branch_out'] = dict(
+    params['branch_out'], kernel=params['branch_out']['kernel'] / factors[:, None]
+  )
   return params
 
 
@@ -298,8 +304,9 @@ def test_max_pool_scales_follow_the_argmax_paths_of_the_all_ones_input():
   mask = first_argmax.reshape(5, 5, -1, 2, 2).transpose(0, 3, 1, 4, 2).reshape(pre_pool.shape)
 
   def scales(net, params):
-    return optax_path.path_scales(params, apply_fn=lambda q, x: net.apply({'params': q}, x),
-                                  input_shape=image)
+    return optax_path.path_scales(
+      params, apply_fn=lambda q, x: net.apply({'params': q}, x), input_shape=image
+    )
 
   argmax_net = ResidualCNN('mask', mask)
   max_pool, argmax_paths = jax.jit(lambda q: [scales(model, q), scales(argmax_net, q)])(params)
@@ -321,8 +328,9 @@ class MLP(nn.Module):
 
 class NNXMLP(nnx.Module):
   def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 6, rngs=rngs),
-                            nnx.Linear(6, 3, rngs=rngs)])
+    self.layers = nnx.List(
+      [nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)]
+    )
 
   def __call__(self, x):
     for layer in self.layers[:-1]:
@@ -368,8 +376,10 @@ def test_general_mode_equals_the_mlp_mode(make):
 def test_nnx_optimizer_in_the_general_mode():
   graphdef, state = random_nnx(NNXMLP, dtype=np.float32)
   model = nnx.merge(graphdef, state)
-  tx = optax.chain(optax_path.path_normalize(
-    apply_fn=lambda s, x: nnx.merge(graphdef, s)(x), input_shape=(4,)), optax.sgd(0.1))
+  tx = optax.chain(
+    optax_path.path_normalize(apply_fn=lambda s, x: nnx.merge(graphdef, s)(x), input_shape=(4,)),
+    optax.sgd(0.1),
+  )
   reference = nnx.merge(graphdef, state)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
   loss = lambda m: jnp.mean(m(x) ** 2)
@@ -383,8 +393,9 @@ def test_nnx_optimizer_in_the_general_mode():
 
     for _ in range(3):
       step(net, optimizer)
-  assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                     nnx.to_pure_dict(nnx.state(reference, nnx.Param)))
+  assert_trees_close(
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(reference, nnx.Param))
+  )
 
 
 def test_jit_compiles_once_and_p_may_be_injected():
@@ -392,7 +403,8 @@ def test_jit_compiles_once_and_p_may_be_injected():
   grads = jax.tree.map(jnp.ones_like, params)
   expected, _ = jax.jit(optax_path.path_normalize(2.0).update)(grads, optax.EmptyState(), params)
   tx = optax.inject_hyperparams(optax_path.path_normalize, static_args=('apply_fn', 'input_shape'))(
-    p=2.0, apply_fn=apply_fn, input_shape=(4,))
+    p=2.0, apply_fn=apply_fn, input_shape=(4,)
+  )
   update = jax.jit(tx.update)
   state = tx.init(params)
   updates, state = update(grads, state, params)
@@ -452,9 +464,14 @@ def test_dead_units_and_overflowing_scales_give_zero_not_nan():
 
   (Behind a ReLU, ``c``'s scale would be 0: a unit whose gamma_in is 0 has pre-activation
   0, where ReLU's derivative is 0. Its incoming edges' loss gradients are 0 as well.)"""
-  params = {'a': jnp.array([[1.0, 2.0]]), 'b': jnp.array([[3.0], [0.0]]),
-            'c': jnp.array([[0.0]]), 'e': jnp.array([[1.0]]),
-            'd1': jnp.array([[1e15]]), 'd2': jnp.array([[1e15]])}
+  params = {
+    'a': jnp.array([[1.0, 2.0]]),
+    'b': jnp.array([[3.0], [0.0]]),
+    'c': jnp.array([[0.0]]),
+    'e': jnp.array([[1.0]]),
+    'd1': jnp.array([[1e15]]),
+    'd2': jnp.array([[1e15]]),
+  }
 
   def apply_fn(q, x):
     h = jax.nn.relu(x @ q['a']) @ q['b']
@@ -477,18 +494,22 @@ def test_masked_leaves_are_passed_through_when_the_forward_pass_does_not_need_th
   params, apply_fn = linen_mlp()
   tree = {'trunk': params, 'aux': {'kernel': jnp.ones((3, 2))}}
   mask = {'trunk': jax.tree.map(lambda _: True, params), 'aux': {'kernel': False}}
-  inner = optax_path.path_normalize(
-    apply_fn=lambda q, x: apply_fn(q['trunk'], x), input_shape=(4,))
+  inner = optax_path.path_normalize(apply_fn=lambda q, x: apply_fn(q['trunk'], x), input_shape=(4,))
   tx = optax.masked(inner, mask)
   grads = jax.tree.map(jnp.ones_like, tree)
   updates, _ = jax.jit(tx.update)(grads, tx.init(tree), tree)
-  expected, _ = jax.jit(optax_path.path_normalize().update)(grads['trunk'], optax.EmptyState(),
-                                                            params)
+  expected, _ = jax.jit(optax_path.path_normalize().update)(
+    grads['trunk'], optax.EmptyState(), params
+  )
   assert_trees_close(updates['trunk'], expected)
   np.testing.assert_allclose(updates['aux']['kernel'], 1.0)
 
-  uses_aux = optax.masked(optax_path.path_normalize(
-    apply_fn=lambda q, x: apply_fn(q['trunk'], x) @ q['aux']['kernel'], input_shape=(4,)), mask)
+  uses_aux = optax.masked(
+    optax_path.path_normalize(
+      apply_fn=lambda q, x: apply_fn(q['trunk'], x) @ q['aux']['kernel'], input_shape=(4,)
+    ),
+    mask,
+  )
   with pytest.raises(ValueError, match='MaskedNode'):
     uses_aux.update(grads, uses_aux.init(tree), tree)
 
@@ -514,7 +535,8 @@ def test_errors():
     optax_path.path_normalize(layers=['Dense_0'], apply_fn=apply_fn, input_shape=(4,))
 
   with pytest.raises(ValueError, match=r'does not use these params leaves: extra/kernel \(2, 2\)'):
-    optax_path.path_scales({**params, 'extra': {'kernel': jnp.ones((2, 2))}},
-                           apply_fn=apply_fn, input_shape=(4,))
+    optax_path.path_scales(
+      {**params, 'extra': {'kernel': jnp.ones((2, 2))}}, apply_fn=apply_fn, input_shape=(4,)
+    )
   with pytest.raises(ValueError, match='input_shape must be the shape of one input'):
     optax_path.path_scales(params, apply_fn=apply_fn, input_shape=4)

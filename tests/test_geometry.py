@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from test_invariance import make_problem, output_gap, rescale_every_unit, train
 
 import optax_path
-from test_invariance import make_problem, output_gap, rescale_every_unit, train
 
 PROBLEM = make_problem(seed=1)
 

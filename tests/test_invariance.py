@@ -1,5 +1,7 @@
 """Theorem 4.1 and Lemma 3.1: Path-SGD is invariant to node rescalings; SGD is not."""
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,7 @@ def rescale_some_units(params):
   and tiny ones would leave the float32 range in the weights themselves.)
   """
   for layer, unit, decades in [(0, 3, 25), (0, 7, 20), (1, 0, 25), (1, 11, 15), (1, 20, 22)]:
-    params = optax_path.rescale(params, layer, unit, 10.0 ** decades)
+    params = optax_path.rescale(params, layer, unit, 10.0**decades)
   return params
 
 
@@ -125,8 +127,10 @@ def test_float32_path_sgd_is_invariant_at_the_papers_scales(problem, make_unbala
 
   path_sgd = jax.jit(train, static_argnums=0)
   tx = optax_path.path_sgd(0.05, momentum=0.9)
-  trained, trained_unbalanced = path_sgd(tx, params, inputs, labels), path_sgd(
-    tx, unbalanced, inputs, labels)
+  trained, trained_unbalanced = (
+    path_sgd(tx, params, inputs, labels),
+    path_sgd(tx, unbalanced, inputs, labels),
+  )
   assert all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(trained_unbalanced))
   assert output_gap(trained, trained_unbalanced, held_out) < 1e-3
 
@@ -144,7 +148,8 @@ def test_path_norm_is_invariant_and_rescalings_keep_the_function(problem, rescal
     assert output_gap(params, other, held_out) < 1e-4
     for p in (1.0, 2.0, 3.0):
       np.testing.assert_allclose(
-        optax_path.log_path_norm(other, p), optax_path.log_path_norm(params, p), rtol=1e-5)
+        optax_path.log_path_norm(other, p), optax_path.log_path_norm(params, p), rtol=1e-5
+      )
 
 
 def test_rebalance_gives_unit_incoming_norms(problem):
@@ -158,11 +163,13 @@ def test_rebalance_gives_unit_incoming_norms(problem):
 
 
 def test_rebalance_leaves_zero_units_alone():
-  params = {'Dense_0': {'kernel': jnp.array([[0., 2.], [0., 0.]]), 'bias': jnp.zeros(2)},
-            'Dense_1': {'kernel': jnp.array([[5.], [3.]])}}
+  params = {
+    'Dense_0': {'kernel': jnp.array([[0.0, 2.0], [0.0, 0.0]]), 'bias': jnp.zeros(2)},
+    'Dense_1': {'kernel': jnp.array([[5.0], [3.0]])},
+  }
   rebalanced = optax_path.rebalance(params)
-  np.testing.assert_allclose(rebalanced['Dense_0']['kernel'], [[0., 1.], [0., 0.]])
-  np.testing.assert_allclose(rebalanced['Dense_1']['kernel'], [[5.], [6.]])
+  np.testing.assert_allclose(rebalanced['Dense_0']['kernel'], [[0.0, 1.0], [0.0, 0.0]])
+  np.testing.assert_allclose(rebalanced['Dense_1']['kernel'], [[5.0], [6.0]])
 
 
 def test_lemma_3_1_path_norm_is_the_min_over_rescalings_of_the_max_norm_product(x64):
@@ -174,12 +181,13 @@ def test_lemma_3_1_path_norm_is_the_min_over_rescalings_of_the_max_norm_product(
   """
   rng = np.random.default_rng(0)
   widths = [4, 5, 3, 1]
-  params = [{'kernel': jnp.asarray(rng.normal(size=(a, b)))} for a, b in zip(widths, widths[1:])]
+  params = [{'kernel': jnp.asarray(rng.normal(size=(a, b)))} for a, b in itertools.pairwise(widths)]
   p = 2.0
 
   def max_norm_product(q):
-    return np.prod([float(jnp.max(jnp.sum(jnp.abs(l['kernel']) ** p, axis=0) ** (1 / p)))
-                    for l in q])
+    return np.prod(
+      [float(jnp.max(jnp.sum(jnp.abs(l['kernel']) ** p, axis=0) ** (1 / p))) for l in q]
+    )
 
   phi = float(optax_path.path_norm(params, p))
   np.testing.assert_allclose(max_norm_product(optax_path.rebalance(params, p)), phi, rtol=1e-12)

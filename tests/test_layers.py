@@ -31,7 +31,7 @@ def normalize(params, grads=None, **kwargs):
 
 def test_twelve_linen_layers_are_ordered_numerically():
   """Dense_10 sorts before Dense_2 as a string; the chain only fits in numeric order."""
-  widths = list(range(2, 16))                      # 13 layers, every width distinct
+  widths = list(range(2, 16))  # 13 layers, every width distinct
   model = nn.Sequential([m for w in widths[1:] for m in (nn.Dense(w), nn.relu)][:-1])
   params = model.init(jax.random.key(0), jnp.ones((1, 2)))['params']
   assert 'layers_10' in params
@@ -68,10 +68,16 @@ def test_nnx_state_with_list_and_attribute_needs_and_accepts_explicit_order():
     optax_path.path_scales(state)
   order = ['layers/0', 'layers/1', 'head']
   scales = optax_path.path_scales(state, layers=order)
-  linen_like = {f'Dense_{i}': {k: v for k, v in layer.items()}
-                for i, layer in enumerate([nnx.to_pure_dict(state)['layers'][0],
-                                           nnx.to_pure_dict(state)['layers'][1],
-                                           nnx.to_pure_dict(state)['head']])}
+  linen_like = {
+    f'Dense_{i}': {k: v for k, v in layer.items()}
+    for i, layer in enumerate(
+      [
+        nnx.to_pure_dict(state)['layers'][0],
+        nnx.to_pure_dict(state)['layers'][1],
+        nnx.to_pure_dict(state)['head'],
+      ]
+    )
+  }
   reference = optax_path.path_scales(linen_like)
   np.testing.assert_allclose(scales['head']['kernel'], reference['Dense_2']['kernel'])
   np.testing.assert_allclose(scales['layers'][0]['bias'], reference['Dense_0']['bias'])
@@ -85,6 +91,7 @@ def test_lists_of_layers():
 
 
 # --- errors ---------------------------------------------------------------------------
+
 
 def test_update_without_params():
   params = chain_params([2, 2])
@@ -129,9 +136,13 @@ def test_chain_that_does_not_fit_names_every_layer():
 
 def test_explicit_layers_errors():
   params = chain_params([3, 4, 2])
-  with pytest.raises(ValueError, match="names Dense_7, which is not a dense layer.*Dense_0, Dense_1"):
+  with pytest.raises(
+    ValueError, match='names Dense_7, which is not a dense layer.*Dense_0, Dense_1'
+  ):
     optax_path.path_scales(params, layers=['Dense_0', 'Dense_7'])
-  with pytest.raises(ValueError, match='not the kernel or bias of a dense layer in the chain.*Dense_1/kernel'):
+  with pytest.raises(
+    ValueError, match='not the kernel or bias of a dense layer in the chain.*Dense_1/kernel'
+  ):
     optax_path.path_scales(params, layers=['Dense_0'])
   with pytest.raises(ValueError, match='Check the order given in layers='):
     optax_path.path_scales(params, layers=['Dense_1', 'Dense_0'])
@@ -142,7 +153,9 @@ def test_explicit_layers_errors():
 def test_bias_of_wrong_shape():
   params = chain_params([3, 4])
   params['Dense_0']['bias'] = jnp.ones(3)
-  with pytest.raises(ValueError, match=re.escape('Dense_0/bias (3,)') + '.*must have shape \\(4,\\)'):
+  with pytest.raises(
+    ValueError, match=re.escape('Dense_0/bias (3,)') + '.*must have shape \\(4,\\)'
+  ):
     optax_path.path_scales(params)
 
 
@@ -192,9 +205,13 @@ def test_rescale_matches_eq_1():
 def test_unbalance_picks_units_over_all_hidden_layers():
   params = chain_params([5, 50, 50, 2], bias=False)
   out = optax_path.unbalance(jax.random.key(0), params, 40)
-  ratio = [np.asarray(jnp.max(jnp.abs(out[f'Dense_{l}']['kernel'] / params[f'Dense_{l}']['kernel']),
-                              axis=0)) for l in (0, 1)]
+  ratio = [
+    np.asarray(
+      jnp.max(jnp.abs(out[f'Dense_{l}']['kernel'] / params[f'Dense_{l}']['kernel']), axis=0)
+    )
+    for l in (0, 1)
+  ]
   for r in ratio:
     changed = r > 1.0 + 1e-6
     assert 5 <= changed.sum() <= 40
-    assert np.all(r[changed] > 1.0)   # 10^c with c > 0
+    assert np.all(r[changed] > 1.0)  # 10^c with c > 0

@@ -17,12 +17,19 @@ CHECKS = pathlib.Path(__file__).with_name('multidevice_checks.py')
 
 def test_sharded_path_normalize_on_8_simulated_devices():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+  env['XLA_FLAGS'] = (
+    env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ).strip()
   env['JAX_PLATFORMS'] = 'cpu'
   try:
     result = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rs', str(CHECKS)],
-      cwd=CHECKS.parent.parent, env=env, capture_output=True, text=True, timeout=240, check=False,
+      cwd=CHECKS.parent.parent,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=240,
+      check=False,
     )
   except subprocess.TimeoutExpired as error:
     pytest.fail(f'the 8-device checks timed out after {error.timeout} s:\n{error.stdout}')

@@ -31,8 +31,9 @@ def free_port() -> int:
 def launch(args, log):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+  )
 
 
 def run_all(commands, tmp_path):
@@ -71,8 +72,9 @@ def test_two_processes_match_one(tmp_path, model):
     [*common, '4', '--out', str(tmp_path / 'single.npz')],
   ]
   codes, outputs = run_all(commands, tmp_path)
-  report = '\n'.join(f'--- process {i} (exit {c}):\n{o[-3000:]}'
-                     for i, (c, o) in enumerate(zip(codes, outputs)))
+  report = '\n'.join(
+    f'--- process {i} (exit {c}):\n{o[-3000:]}' for i, (c, o) in enumerate(zip(codes, outputs))
+  )
   assert codes == [0, 0, 0], report
   assert 'processes 2, devices 4' in outputs[0], report
   assert 'processes 1, devices 4' in outputs[2], report

@@ -12,12 +12,18 @@ NOTEBOOK = pathlib.Path(__file__).parents[1] / 'notebooks' / 'path_sgd.ipynb'
 @pytest.mark.slow
 def test_notebook_runs_and_path_sgd_curves_coincide(tmp_path):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(notebook, timeout=300, kernel_name='python3',
-                 resources={'metadata': {'path': str(tmp_path)}}).execute()
+  NotebookClient(
+    notebook, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}
+  ).execute()
   text = '\n'.join(
-    output.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
-    for output in cell.get('outputs', []))
+    output.get('text', '')
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for output in cell.get('outputs', [])
+  )
   gap_line = next(line for line in text.splitlines() if 'largest output difference' in line)
   assert float(gap_line.split(':')[-1]) < 1e-3
-  path_sgd = [line for line in text.splitlines() if 'Path-SGD' in line and 'final test error' in line]
+  path_sgd = [
+    line for line in text.splitlines() if 'Path-SGD' in line and 'final test error' in line
+  ]
   assert len(path_sgd) == 2 and path_sgd[0].split()[-1] == path_sgd[1].split()[-1]

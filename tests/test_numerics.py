@@ -1,5 +1,7 @@
 """Float range: deep and unbalanced nets, dead units, low-precision dtypes."""
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,9 @@ def deep_net(seed=0, depth=40, width=6):
   """A float32 net whose phi_2 is far beyond 1e38, with some units rescaled by 1e15."""
   rng = np.random.default_rng(seed)
   kernels = [rng.normal(scale=2.0 / np.sqrt(width), size=(width, width)) for _ in range(depth)]
-  kernels[20] *= 1e30                   # a layer of huge weights: phi_2 ~ 1e30 * 2^39
-  kernels[5][:, 2] *= 1e15              # an unbalanced unit...
-  kernels[6][2, :] /= 1e15              # ...with its outgoing edges scaled down
+  kernels[20] *= 1e30  # a layer of huge weights: phi_2 ~ 1e30 * 2^39
+  kernels[5][:, 2] *= 1e15  # an unbalanced unit...
+  kernels[6][2, :] /= 1e15  # ...with its outgoing edges scaled down
   kernels[30][:, 4] /= 1e12
   kernels[31][4, :] *= 1e12
   return [np.asarray(k, np.float32) for k in kernels]
@@ -56,11 +58,13 @@ def test_deep_net_scales_match_float64_log_reference_where_representable():
     assert np.all(rel[representable] < 1e-4), (l, rel[representable].max())
     assert np.all(np.isinf(actual[ref > np.log(F32.max) + 1]))
     assert np.all(actual[ref < np.log(F32.tiny) - 1] == 0)
-  assert representable_count >= 36   # the huge layer's edges and the rescaled units'
+  assert representable_count >= 36  # the huge layer's edges and the rescaled units'
 
   rng = np.random.default_rng(1)
-  grads = {k: {'kernel': jnp.asarray(rng.normal(size=v['kernel'].shape), jnp.float32)}
-           for k, v in params.items()}
+  grads = {
+    k: {'kernel': jnp.asarray(rng.normal(size=v['kernel'].shape), jnp.float32)}
+    for k, v in params.items()
+  }
   updates, _ = jax.jit(optax_path.path_normalize(2.0).update)(grads, optax.EmptyState(), params)
   for l, ref in enumerate(reference):
     actual = np.asarray(updates[f'layers_{l}']['kernel'], np.float64)
@@ -88,25 +92,33 @@ def test_naive_float32_pass_would_overflow_on_this_net():
 
 def test_dead_units_give_zero_not_nan():
   params = {
-    'Dense_0': {'kernel': jnp.array([[1., 0., 2.], [3., 0., 1.]]), 'bias': jnp.array([0., 0., 1.])},
-    'Dense_1': {'kernel': jnp.array([[1., 2.], [4., 5.], [0., 0.]]), 'bias': jnp.array([1., 1.])},
+    'Dense_0': {
+      'kernel': jnp.array([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]]),
+      'bias': jnp.array([0.0, 0.0, 1.0]),
+    },
+    'Dense_1': {
+      'kernel': jnp.array([[1.0, 2.0], [4.0, 5.0], [0.0, 0.0]]),
+      'bias': jnp.array([1.0, 1.0]),
+    },
   }
   # Unit 1 of the hidden layer has no path in; unit 2 has no path out.
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = optax_path.path_normalize(2.0).update(grads, optax.EmptyState(), params)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.isfinite(leaf))
-  np.testing.assert_array_equal(updates['Dense_1']['kernel'][1], [0., 0.])  # no path in
-  np.testing.assert_array_equal(updates['Dense_0']['kernel'][:, 2], [0., 0.])  # no path out
+  np.testing.assert_array_equal(updates['Dense_1']['kernel'][1], [0.0, 0.0])  # no path in
+  np.testing.assert_array_equal(updates['Dense_0']['kernel'][:, 2], [0.0, 0.0])  # no path out
   assert updates['Dense_0']['bias'][2] == 0.0
   scales = optax_path.path_scales(params)
-  np.testing.assert_allclose(scales['Dense_0']['kernel'][:, 0], [5., 5.])  # 1 * (1^2 + 2^2)
+  np.testing.assert_allclose(scales['Dense_0']['kernel'][:, 0], [5.0, 5.0])  # 1 * (1^2 + 2^2)
 
 
 def test_non_finite_gradients_pass_through_and_dtypes_are_kept():
   params = {'Dense_0': {'kernel': jnp.ones((2, 2))}, 'Dense_1': {'kernel': jnp.ones((2, 1))}}
-  grads = {'Dense_0': {'kernel': jnp.array([[jnp.nan, jnp.inf], [-jnp.inf, 1.0]])},
-           'Dense_1': {'kernel': jnp.array([[2.0], [0.0]])}}
+  grads = {
+    'Dense_0': {'kernel': jnp.array([[jnp.nan, jnp.inf], [-jnp.inf, 1.0]])},
+    'Dense_1': {'kernel': jnp.array([[2.0], [0.0]])},
+  }
   updates, _ = optax_path.path_normalize().update(grads, optax.EmptyState(), params)
   kernel = np.asarray(updates['Dense_0']['kernel'])
   assert np.isnan(kernel[0, 0]) and kernel[0, 1] == np.inf and kernel[1, 0] == -np.inf
@@ -115,13 +127,15 @@ def test_non_finite_gradients_pass_through_and_dtypes_are_kept():
 
 
 def test_float16_updates_clip_to_the_largest_finite_value():
-  params = {'Dense_0': {'kernel': jnp.full((2, 2), 1e-3, jnp.float16)},
-            'Dense_1': {'kernel': jnp.full((2, 1), 1e-3, jnp.float16)}}
+  params = {
+    'Dense_0': {'kernel': jnp.full((2, 2), 1e-3, jnp.float16)},
+    'Dense_1': {'kernel': jnp.full((2, 1), 1e-3, jnp.float16)},
+  }
   grads = jax.tree.map(lambda w: jnp.full_like(w, -1.0), params)
   updates, _ = optax_path.path_normalize().update(grads, optax.EmptyState(), params)
   for leaf in jax.tree.leaves(updates):
     assert leaf.dtype == jnp.float16
-    np.testing.assert_array_equal(leaf, -np.finfo(np.float16).max)   # 1/(2e-6) > 65504
+    np.testing.assert_array_equal(leaf, -np.finfo(np.float16).max)  # 1/(2e-6) > 65504
 
 
 class BF16MLP(nn.Module):
@@ -136,10 +150,14 @@ def test_bfloat16_params_scales_in_float32_updates_in_bfloat16():
   x = jnp.ones((4, 8), jnp.bfloat16)
   params = model.init(jax.random.key(0), x)['params']
   params = optax_path.unbalance(jax.random.key(1), params, 8)
-  grads = jax.grad(lambda q: jnp.sum(model.apply({'params': q}, x).astype(jnp.float32) ** 2))(params)
+  grads = jax.grad(lambda q: jnp.sum(model.apply({'params': q}, x).astype(jnp.float32) ** 2))(
+    params
+  )
   updates, _ = optax_path.path_normalize().update(grads, optax.EmptyState(), params)
   as_f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
-  reference, _ = optax_path.path_normalize().update(as_f32(grads), optax.EmptyState(), as_f32(params))
+  reference, _ = optax_path.path_normalize().update(
+    as_f32(grads), optax.EmptyState(), as_f32(params)
+  )
   for u, r in zip(jax.tree.leaves(updates), jax.tree.leaves(reference)):
     assert u.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(u, np.float32)))
@@ -152,7 +170,7 @@ def test_unbalanced_paper_init_scales_match_float64(p, x64):
   """float32 scales of a paper-style unbalanced net equal float64 ones where representable."""
   rng = np.random.default_rng(2)
   widths = [20, 30, 30, 10]
-  params = [{'kernel': rng.normal(size=(a, b)) / np.sqrt(a)} for a, b in zip(widths, widths[1:])]
+  params = [{'kernel': rng.normal(size=(a, b)) / np.sqrt(a)} for a, b in itertools.pairwise(widths)]
   params = optax_path.unbalance(jax.random.key(0), jax.tree.map(jnp.asarray, params), 30)
   f32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   reference = reference_log_scales([l['kernel'] for l in params], p)

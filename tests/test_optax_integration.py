@@ -60,8 +60,10 @@ def test_jit_compiles_once():
 
 
 def test_inject_hyperparams_with_p_injected_or_static():
-  for tx in (optax.inject_hyperparams(optax_path.path_sgd)(learning_rate=LR),
-             optax.inject_hyperparams(optax_path.path_sgd, static_args=('p',))(learning_rate=LR)):
+  for tx in (
+    optax.inject_hyperparams(optax_path.path_sgd)(learning_rate=LR),
+    optax.inject_hyperparams(optax_path.path_sgd, static_args=('p',))(learning_rate=LR),
+  ):
     state = tx.init(PARAMS)
     updates, state = jax.jit(tx.update)(GRADS, state, PARAMS)
     assert_trees_close(optax.apply_updates(PARAMS, updates), expected_step(PARAMS, GRADS))
@@ -105,16 +107,18 @@ def test_multi_steps_averages_then_normalizes():
 
 
 def test_flax_train_state():
-  state = train_state.TrainState.create(apply_fn=MODEL.apply, params=PARAMS,
-                                        tx=optax_path.path_sgd(LR, momentum=0.9))
+  state = train_state.TrainState.create(
+    apply_fn=MODEL.apply, params=PARAMS, tx=optax_path.path_sgd(LR, momentum=0.9)
+  )
   state = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(loss)(s.params)))(state)
   assert_trees_close(state.params, expected_step(PARAMS, GRADS))
 
 
 class NNXMLP(nnx.Module):
   def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs),
-                            nnx.Linear(8, 3, rngs=rngs)])
+    self.layers = nnx.List(
+      [nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)]
+    )
 
   def __call__(self, x):
     for layer in self.layers[:-1]:

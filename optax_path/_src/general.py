@@ -126,16 +126,23 @@ def _used_inputs(fn: Callable[[list[jax.Array]], jax.Array], args: list[jax.Arra
   return [v in live for v in jaxpr.invars]
 
 
-def _positive_pass(params: Any, p: numerics.Exponent, apply_fn: ApplyFn,
-                   input_shape: tuple[int, ...], check_used: bool):
+def _positive_pass(
+  params: Any,
+  p: numerics.Exponent,
+  apply_fn: ApplyFn,
+  input_shape: tuple[int, ...],
+  check_used: bool,
+):
   """``(phi_p^p, [d phi_p^p / d q_i], indices i)`` over the floating leaves ``i``."""
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
   indices = [i for i, leaf in enumerate(leaves) if _is_float_array(leaf)]
   if not indices:
-    raise ValueError('params has no floating-point leaf; found: '
-                     + ('; '.join(layers_lib.format_path(path) for path, _ in named_leaves)
-                        or 'no leaves') + '.')
+    raise ValueError(
+      'params has no floating-point leaf; found: '
+      + ('; '.join(layers_lib.format_path(path) for path, _ in named_leaves) or 'no leaves')
+      + '.'
+    )
   masked = [path for path, leaf in named_leaves if isinstance(leaf, optax.MaskedNode)]
   dtype = pass_dtype([leaves[i] for i in indices])
   ones = jnp.ones((1, *input_shape), dtype)
@@ -163,8 +170,9 @@ def _positive_pass(params: Any, p: numerics.Exponent, apply_fn: ApplyFn,
     if unused:
       raise ValueError(
         'apply_fn does not use these params leaves: '
-        + '; '.join(f'{layers_lib.format_path(named_leaves[i][0])} {tuple(leaves[i].shape)}'
-                    for i in unused)
+        + '; '.join(
+          f'{layers_lib.format_path(named_leaves[i][0])} {tuple(leaves[i].shape)}' for i in unused
+        )
         + '. Their path scale would be 0, so Path-SGD would never update them. Check '
         'apply_fn, or route these leaves to another transformation with optax.partition '
         '(alias optax.multi_transform), or exclude them with optax.masked.'
@@ -221,14 +229,15 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
   except TypeError:
     raise ValueError(
       f'input_shape must be the shape of one input without the batch axis, a tuple of '
-      f'ints such as (28, 28, 1); got {input_shape!r}.') from None
+      f'ints such as (28, 28, 1); got {input_shape!r}.'
+    ) from None
   if any(d < 0 for d in shape):
     raise ValueError(f'input_shape must hold sizes >= 0, got {input_shape!r}.')
   return shape
 
 
 def log_scale_leaves(
-    params: Any, p: numerics.Exponent, apply_fn: ApplyFn, input_shape: Sequence[int]
+  params: Any, p: numerics.Exponent, apply_fn: ApplyFn, input_shape: Sequence[int]
 ) -> tuple[list[Any], Any, dict[int, jax.Array]]:
   """The log path scale of every floating leaf, from one gradient of the ``|theta|^p`` pass.
 
@@ -289,7 +298,7 @@ def log_scale_leaves(
 
 
 def log_path_norm(
-    params: Any, p: numerics.Exponent, apply_fn: ApplyFn, input_shape: Sequence[int]
+  params: Any, p: numerics.Exponent, apply_fn: ApplyFn, input_shape: Sequence[int]
 ) -> jax.Array:
   """``log phi_p(w) = log(sum(f_{|theta|^p}(1))) / p``, differentiable.
 
@@ -312,4 +321,3 @@ def log_path_norm(
     11.0
   """
   return _call(_log_path_norm, _log_path_norm_jit, params, p, apply_fn, input_shape)
-

@@ -18,12 +18,12 @@ class PathGeometryState(NamedTuple):
 
 
 def path_geometry(
-    inner: optax.GradientTransformation,
-    p: float = 2.0,
-    *,
-    layers: LayerSpecs = None,
-    apply_fn=None,
-    input_shape=None,
+  inner: optax.GradientTransformation,
+  p: float = 2.0,
+  *,
+  layers: LayerSpecs = None,
+  apply_fn=None,
+  input_shape=None,
 ) -> optax.GradientTransformation:
   """Runs ``inner`` in the path geometry: whitened gradients in, mapped-back steps out.
 
@@ -98,15 +98,15 @@ def path_geometry(
 
 
 def path_adam(
-    learning_rate: optax.ScalarOrSchedule,
-    p: float = 2.0,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    layers: LayerSpecs = None,
-    apply_fn=None,
-    input_shape=None,
+  learning_rate: optax.ScalarOrSchedule,
+  p: float = 2.0,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  layers: LayerSpecs = None,
+  apply_fn=None,
+  input_shape=None,
 ) -> optax.GradientTransformation:
   """Path-Adam: ``path_geometry(optax.adam(...))``, Adam that is rescaling invariant.
 

@@ -52,8 +52,11 @@ def _key_name(key: Any) -> str:
 def key_path_names(key_path: Sequence[Any]) -> KeyPath:
   """A leaf's key path as strings, without NNX's trailing ``.value`` attribute."""
   names = tuple(_key_name(k) for k in key_path)
-  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and names[-1] in (
-      'value', 'raw_value'):
+  if (
+    key_path
+    and isinstance(key_path[-1], jax.tree_util.GetAttrKey)
+    and names[-1] in ('value', 'raw_value')
+  ):
     names = names[:-1]
   return names
 
@@ -155,7 +158,9 @@ def _check_coverage(groups, ordered: list[KeyPath], named_leaves) -> None:
   if stray:
     raise ValueError(
       'These params leaves are not the kernel or bias of a dense layer in the chain: '
-      + '; '.join(stray) + '. ' + _ROUTING_ADVICE
+      + '; '.join(stray)
+      + '. '
+      + _ROUTING_ADVICE
     )
 
 
@@ -199,7 +204,8 @@ def find_layers(params: Any, layers: Sequence[LayerSpec] | None = None) -> list[
   if not ordered:
     raise ValueError(
       'params holds no dense layer (a node with a 2-D "kernel" leaf); found: '
-      + ('; '.join(_describe(p, leaf) for p, leaf in named_leaves) or 'no leaves') + '.'
+      + ('; '.join(_describe(p, leaf) for p, leaf in named_leaves) or 'no leaves')
+      + '.'
     )
   _check_coverage(groups, ordered, named_leaves)
   for path in ordered:

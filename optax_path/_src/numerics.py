@@ -86,9 +86,7 @@ def exponent(x: jax.Array) -> jax.Array:
   return jnp.where(x != 0, e, _NO_EXPONENT)
 
 
-def log_matvec(
-    log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent
-) -> jax.Array:
+def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent) -> jax.Array:
   """``log(exp(log_x) @ |w|^p + |b|^p)``, exact over any range of ``log_x`` and ``w``.
 
   Args:

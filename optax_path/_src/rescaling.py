@@ -151,7 +151,7 @@ def unbalance(key: jax.Array, params: Any, num_units: int, *, layers=None) -> An
   total = jax.ops.segment_sum(decades, picks, num_segments=sum(widths))
   start = 0
   for l, width in enumerate(widths):
-    log10_factor = jnp.minimum(total[start:start + width], _log10_headroom(net, l, margin=3.0))
+    log10_factor = jnp.minimum(total[start : start + width], _log10_headroom(net, l, margin=3.0))
     half = 10.0 ** (log10_factor / 2)
     net.scale_units(l, half, half)
     start += width

@@ -81,16 +81,17 @@ def check_mode(layers, apply_fn, input_shape) -> None:
       f'without the batch axis); got apply_fn={apply_fn!r}, input_shape={input_shape!r}.'
     )
   if apply_fn is not None and layers is not None:
-    raise ValueError('Pass layers= (MLP mode) or apply_fn= and input_shape= (general mode), '
-                     'not both.')
+    raise ValueError(
+      'Pass layers= (MLP mode) or apply_fn= and input_shape= (general mode), not both.'
+    )
 
 
 def log_scale_leaves(
-    params: Any,
-    p: numerics.Exponent,
-    layers: Sequence[layers_lib.LayerSpec] | None = None,
-    apply_fn=None,
-    input_shape=None,
+  params: Any,
+  p: numerics.Exponent,
+  layers: Sequence[layers_lib.LayerSpec] | None = None,
+  apply_fn=None,
+  input_shape=None,
 ) -> tuple[list[Any], Any, dict[int, jax.Array]]:
   """The log path scale of every leaf that has one.
 
@@ -116,7 +117,7 @@ def log_scale_leaves(
 
 
 def path_scales(
-    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+  params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
 ) -> Any:
   """The path scale ``gamma_p(w, e)`` of every weight and bias (eq. 9).
 
@@ -159,7 +160,7 @@ def path_scales(
 
 
 def log_path_norm(
-    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+  params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
 ) -> jax.Array:
   """``log phi_p(w)``: finite even where ``phi_p`` is beyond the float range.
 
@@ -184,7 +185,7 @@ def log_path_norm(
 
 
 def path_norm(
-    params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
+  params: Any, p: float = 2.0, *, layers=None, apply_fn=None, input_shape=None
 ) -> jax.Array:
   """The path regulariser ``phi_p(w)`` of eq. 5, rescaling-invariant and differentiable.
 
@@ -220,5 +221,6 @@ def path_norm(
     Neyshabur, Tomioka & Srebro, `Norm-Based Capacity Control in Neural Networks
     <https://arxiv.org/abs/1503.00036>`_, COLT 2015.
   """
-  return jnp.exp(log_path_norm(params, p, layers=layers, apply_fn=apply_fn,
-                               input_shape=input_shape))
+  return jnp.exp(
+    log_path_norm(params, p, layers=layers, apply_fn=apply_fn, input_shape=input_shape)
+  )

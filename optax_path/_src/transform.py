@@ -51,7 +51,7 @@ def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
 
 
 def path_normalize(
-    p: float = 2.0, *, layers: LayerSpecs = None, apply_fn=None, input_shape=None
+  p: float = 2.0, *, layers: LayerSpecs = None, apply_fn=None, input_shape=None
 ) -> optax.GradientTransformation:
   """Divides every gradient by its path scale: the Path-SGD direction (eq. 8).
 
@@ -127,14 +127,14 @@ def path_normalize(
 
 
 def path_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    p: float = 2.0,
-    *,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    layers: LayerSpecs = None,
-    apply_fn=None,
-    input_shape=None,
+  learning_rate: optax.ScalarOrSchedule,
+  p: float = 2.0,
+  *,
+  momentum: float | None = None,
+  nesterov: bool = False,
+  layers: LayerSpecs = None,
+  apply_fn=None,
+  input_shape=None,
 ) -> optax.GradientTransformation:
   """Path-SGD: ``optax.chain(path_normalize(p), optax.sgd(...))``.
 
@@ -173,14 +173,14 @@ def path_sgd(
 
 
 def path_adagrad(
-    learning_rate: optax.ScalarOrSchedule,
-    p: float = 2.0,
-    *,
-    initial_accumulator_value: float = 0.1,
-    eps: float = 1e-7,
-    layers: LayerSpecs = None,
-    apply_fn=None,
-    input_shape=None,
+  learning_rate: optax.ScalarOrSchedule,
+  p: float = 2.0,
+  *,
+  initial_accumulator_value: float = 0.1,
+  eps: float = 1e-7,
+  layers: LayerSpecs = None,
+  apply_fn=None,
+  input_shape=None,
 ) -> optax.GradientTransformation:
   """The paper's Path-AdaGrad: ``optax.chain(path_normalize(p), optax.adagrad(...))``.
 

@@ -18,317 +18,315 @@ from optax_path.experiments import data, report
 from optax_path.experiments.pipeline import Config, reproduce, show
 from optax_path.experiments.training import METHODS
 
-INITS = ("balanced", "unbalanced")
+INITS = ('balanced', 'unbalanced')
 #: Defaults of ``reproduce``: sized so the digits run takes about 2 minutes on 2 cores.
 DEFAULTS = {
-    "hidden": {"mlp": (512, 512), "cnn": (16, 32)},
-    "epochs": 40,
-    "search_epochs": 20,
-    "batch_size": 100,
-    "alphas": (0, 1, 2, 3, 4),
+  'hidden': {'mlp': (512, 512), 'cnn': (16, 32)},
+  'epochs': 40,
+  'search_epochs': 20,
+  'batch_size': 100,
+  'alphas': (0, 1, 2, 3, 4),
 }
 #: ``--paper``: the settings of Section 5 (2x4000 units, 100 epochs, alpha in 0..10).
 PAPER = {
-    "hidden": (4000, 4000),
-    "epochs": 100,
-    "search_epochs": 100,
-    "batch_size": 100,
-    "alphas": tuple(range(11)),
-    "unbalanced_units": 2000,
+  'hidden': (4000, 4000),
+  'epochs': 100,
+  'search_epochs': 100,
+  'batch_size': 100,
+  'alphas': tuple(range(11)),
+  'unbalanced_units': 2000,
 }
 #: The paper rescales 2000 units of its 2x4000 net; smaller nets scale this number.
 PAPER_UNBALANCED_FRACTION = 2000 / 8000
 
 
 def parse_lr(text: str) -> tuple[str, float]:
-    """Parses ``--lr METHOD=VALUE``.
+  """Parses ``--lr METHOD=VALUE``.
 
-    Args:
-      text: E.g. ``"path-sgd=0.1"``.
+  Args:
+    text: E.g. ``"path-sgd=0.1"``.
 
-    Returns:
-      ``(method, value)``.
+  Returns:
+    ``(method, value)``.
 
-    Raises:
-      argparse.ArgumentTypeError: For a malformed value or an unknown method.
-    """
-    method, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected METHOD=VALUE, got {text!r}")
-    if method not in METHODS:
-        raise argparse.ArgumentTypeError(
-            f"unknown method {method!r}; choose from {', '.join(METHODS)}"
-        )
-    try:
-        lr = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not lr > 0:
-        raise argparse.ArgumentTypeError(f"step size must be positive, got {value!r}")
-    return method, lr
+  Raises:
+    argparse.ArgumentTypeError: For a malformed value or an unknown method.
+  """
+  method, sep, value = text.partition('=')
+  if not sep:
+    raise argparse.ArgumentTypeError(f'expected METHOD=VALUE, got {text!r}')
+  if method not in METHODS:
+    raise argparse.ArgumentTypeError(f'unknown method {method!r}; choose from {", ".join(METHODS)}')
+  try:
+    lr = float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {value!r}') from None
+  if not lr > 0:
+    raise argparse.ArgumentTypeError(f'step size must be positive, got {value!r}')
+  return method, lr
 
 
 def methods_epilog() -> str:
-    """The list of methods shown by ``--help``."""
-    width = max(map(len, METHODS))
-    lines = ["methods:"] + [f"  {name:<{width}}  {m.description}" for name, m in METHODS.items()]
-    return "\n".join(lines)
+  """The list of methods shown by ``--help``."""
+  width = max(map(len, METHODS))
+  lines = ['methods:'] + [f'  {name:<{width}}  {m.description}' for name, m in METHODS.items()]
+  return '\n'.join(lines)
 
 
 def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Declares the ``reproduce`` subcommand."""
-    p = subparsers.add_parser(
-        "reproduce",
-        help="run the paper's comparison on one data set",
-        description=textwrap.fill(
-            "Train a ReLU MLP with each method from the balanced and the unbalanced init, "
-            "after choosing each method's step size 10^-alpha on a validation split (the "
-            "paper's rule: the alpha reaching the lowest validation error fastest; searched "
-            "on the balanced init unless --search-init each), and write metrics.csv, "
-            "selection.csv, figure.png and summary.md."
-        ),
-        epilog=methods_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--dataset",
-        choices=data.DATASETS,
-        default="digits",
-        help="data set (default: digits, bundled with scikit-learn)",
-    )
-    p.add_argument(
-        "--data-dir", help="data directory (default: $OPTAX_PATH_DATA or ~/.cache/optax_path)"
-    )
-    p.add_argument(
-        "--model",
-        choices=("mlp", "cnn"),
-        default="mlp",
-        help="network: the paper's ReLU MLP (default), or a small ReLU CNN (3x3 conv layers "
-        "with 2x2 average pooling and a dense head) whose path scales come from the "
-        "general mode and whose unbalanced init rescales channels",
-    )
-    p.add_argument(
-        "--hidden",
-        type=int,
-        nargs="+",
-        metavar="H",
-        help=f"hidden layer widths (default: {show(DEFAULTS['hidden']['mlp'])}; paper: 4000 "
-        f"4000), or conv channels with --model cnn (default: {show(DEFAULTS['hidden']['cnn'])})",
-    )
-    p.add_argument(
-        "--epochs", type=int, help=f"epochs of the final runs (default: {DEFAULTS['epochs']})"
-    )
-    p.add_argument(
-        "--search-epochs",
-        type=int,
-        help=f"epochs of each step-size search run (default: {DEFAULTS['search_epochs']})",
-    )
-    p.add_argument("--batch-size", type=int, help="mini-batch size (default: 100)")
-    p.add_argument(
-        "--dropout",
-        type=float,
-        default=0.0,
-        help="drop probability of hidden units; retain probability is 1-dropout "
-        "(default: 0; paper: 0 and 0.5)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of init, split, batches, dropout")
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        choices=list(METHODS),
-        default=["path-sgd", "sgd", "adagrad"],
-        metavar="METHOD",
-        help="methods to compare (listed below; default: path-sgd sgd adagrad)",
-    )
-    p.add_argument(
-        "--inits",
-        nargs="+",
-        choices=INITS,
-        default=list(INITS),
-        help="initialisations (default: both)",
-    )
-    p.add_argument(
-        "--unbalanced-units",
-        type=int,
-        metavar="K",
-        help="hidden units rescaled by the unbalanced init, drawn with replacement "
-        "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)",
-    )
-    p.add_argument(
-        "--alphas",
-        type=float,
-        nargs="+",
-        metavar="ALPHA",
-        help=f"step sizes 10^-alpha to search (default: {show(DEFAULTS['alphas'])}; paper: 0..10)",
-    )
-    p.add_argument(
-        "--lr",
-        type=parse_lr,
-        action="append",
-        default=[],
-        metavar="METHOD=VALUE",
-        help="fix a method's step size and skip its search (repeatable)",
-    )
-    p.add_argument(
-        "--search-init",
-        choices=("balanced", "each"),
-        default="balanced",
-        help="search the step size on the balanced init and use it for both "
-        "(default), or search separately for each init",
-    )
-    p.add_argument(
-        "--paper",
-        action="store_true",
-        help="the paper's settings: --hidden 4000 4000 --batch-size 100 --epochs 100 "
-        "--search-epochs 100 --alphas 0..10 --unbalanced-units 2000 (explicit "
-        "options still win)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("float64", "float32"),
-        default="float64",
-        help="floating-point precision (default: float64, in which the Path-SGD "
-        "balanced/unbalanced curves agree to rounding; in float32, training at the chosen "
-        "steps can amplify rounding differences between them to ~1e-2)",
-    )
-    p.add_argument(
-        "--out", help="output directory (default: runs/<dataset>, runs/<dataset>-dropout<p>)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+  """Declares the ``reproduce`` subcommand."""
+  p = subparsers.add_parser(
+    'reproduce',
+    help="run the paper's comparison on one data set",
+    description=textwrap.fill(
+      'Train a ReLU MLP with each method from the balanced and the unbalanced init, '
+      "after choosing each method's step size 10^-alpha on a validation split (the "
+      "paper's rule: the alpha reaching the lowest validation error fastest; searched "
+      'on the balanced init unless --search-init each), and write metrics.csv, '
+      'selection.csv, figure.png and summary.md.'
+    ),
+    epilog=methods_epilog(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    '--dataset',
+    choices=data.DATASETS,
+    default='digits',
+    help='data set (default: digits, bundled with scikit-learn)',
+  )
+  p.add_argument(
+    '--data-dir', help='data directory (default: $OPTAX_PATH_DATA or ~/.cache/optax_path)'
+  )
+  p.add_argument(
+    '--model',
+    choices=('mlp', 'cnn'),
+    default='mlp',
+    help="network: the paper's ReLU MLP (default), or a small ReLU CNN (3x3 conv layers "
+    'with 2x2 average pooling and a dense head) whose path scales come from the '
+    'general mode and whose unbalanced init rescales channels',
+  )
+  p.add_argument(
+    '--hidden',
+    type=int,
+    nargs='+',
+    metavar='H',
+    help=f'hidden layer widths (default: {show(DEFAULTS["hidden"]["mlp"])}; paper: 4000 '
+    f'4000), or conv channels with --model cnn (default: {show(DEFAULTS["hidden"]["cnn"])})',
+  )
+  p.add_argument(
+    '--epochs', type=int, help=f'epochs of the final runs (default: {DEFAULTS["epochs"]})'
+  )
+  p.add_argument(
+    '--search-epochs',
+    type=int,
+    help=f'epochs of each step-size search run (default: {DEFAULTS["search_epochs"]})',
+  )
+  p.add_argument('--batch-size', type=int, help='mini-batch size (default: 100)')
+  p.add_argument(
+    '--dropout',
+    type=float,
+    default=0.0,
+    help='drop probability of hidden units; retain probability is 1-dropout '
+    '(default: 0; paper: 0 and 0.5)',
+  )
+  p.add_argument('--seed', type=int, default=0, help='seed of init, split, batches, dropout')
+  p.add_argument(
+    '--methods',
+    nargs='+',
+    choices=list(METHODS),
+    default=['path-sgd', 'sgd', 'adagrad'],
+    metavar='METHOD',
+    help='methods to compare (listed below; default: path-sgd sgd adagrad)',
+  )
+  p.add_argument(
+    '--inits',
+    nargs='+',
+    choices=INITS,
+    default=list(INITS),
+    help='initialisations (default: both)',
+  )
+  p.add_argument(
+    '--unbalanced-units',
+    type=int,
+    metavar='K',
+    help='hidden units rescaled by the unbalanced init, drawn with replacement '
+    "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)",
+  )
+  p.add_argument(
+    '--alphas',
+    type=float,
+    nargs='+',
+    metavar='ALPHA',
+    help=f'step sizes 10^-alpha to search (default: {show(DEFAULTS["alphas"])}; paper: 0..10)',
+  )
+  p.add_argument(
+    '--lr',
+    type=parse_lr,
+    action='append',
+    default=[],
+    metavar='METHOD=VALUE',
+    help="fix a method's step size and skip its search (repeatable)",
+  )
+  p.add_argument(
+    '--search-init',
+    choices=('balanced', 'each'),
+    default='balanced',
+    help='search the step size on the balanced init and use it for both '
+    '(default), or search separately for each init',
+  )
+  p.add_argument(
+    '--paper',
+    action='store_true',
+    help="the paper's settings: --hidden 4000 4000 --batch-size 100 --epochs 100 "
+    '--search-epochs 100 --alphas 0..10 --unbalanced-units 2000 (explicit '
+    'options still win)',
+  )
+  p.add_argument(
+    '--dtype',
+    choices=('float64', 'float32'),
+    default='float64',
+    help='floating-point precision (default: float64, in which the Path-SGD '
+    'balanced/unbalanced curves agree to rounding; in float32, training at the chosen '
+    'steps can amplify rounding differences between them to ~1e-2)',
+  )
+  p.add_argument(
+    '--out', help='output directory (default: runs/<dataset>, runs/<dataset>-dropout<p>)'
+  )
+  p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Declares the ``plot`` subcommand."""
-    p = subparsers.add_parser(
-        "plot",
-        help="combine runs into one figure (a row per data set)",
-        description="Combine the metrics.csv of several run directories into one figure.",
-    )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories with metrics.csv")
-    p.add_argument("--out", default="figure.png", help="image file (default: %(default)s)")
-    p.add_argument("--summary", help="also write a combined summary.md here")
+  """Declares the ``plot`` subcommand."""
+  p = subparsers.add_parser(
+    'plot',
+    help='combine runs into one figure (a row per data set)',
+    description='Combine the metrics.csv of several run directories into one figure.',
+  )
+  p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help='directories with metrics.csv')
+  p.add_argument('--out', default='figure.png', help='image file (default: %(default)s)')
+  p.add_argument('--summary', help='also write a combined summary.md here')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="optax-path",
-        description="Experiments of Path-SGD (Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015).",
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_reproduce_parser(subparsers)
-    add_plot_parser(subparsers)
-    return parser
+  """The command-line parser."""
+  parser = argparse.ArgumentParser(
+    prog='optax-path',
+    description='Experiments of Path-SGD (Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015).',
+  )
+  subparsers = parser.add_subparsers(dest='command', required=True)
+  add_reproduce_parser(subparsers)
+  add_plot_parser(subparsers)
+  return parser
 
 
 def _pick(args: argparse.Namespace, name: str) -> object:
-    """An explicit option, else the paper's value under ``--paper``, else the default."""
-    value = getattr(args, name)
-    if value is not None:
-        return value
-    return PAPER[name] if args.paper else DEFAULTS[name]
+  """An explicit option, else the paper's value under ``--paper``, else the default."""
+  value = getattr(args, name)
+  if value is not None:
+    return value
+  return PAPER[name] if args.paper else DEFAULTS[name]
 
 
 def default_unbalanced_units(hidden: Sequence[int]) -> int:
-    """The paper's 2000 rescaled units of 2x4000, scaled to the net's size (at least 1).
+  """The paper's 2000 rescaled units of 2x4000, scaled to the net's size (at least 1).
 
-    Example:
-      >>> default_unbalanced_units([4000, 4000]), default_unbalanced_units([256, 256])
-      (2000, 128)
-    """
-    return max(1, round(PAPER_UNBALANCED_FRACTION * sum(hidden)))
+  Example:
+    >>> default_unbalanced_units([4000, 4000]), default_unbalanced_units([256, 256])
+    (2000, 128)
+  """
+  return max(1, round(PAPER_UNBALANCED_FRACTION * sum(hidden)))
 
 
 def default_out(dataset: str, dropout: float) -> str:
-    """The default output directory, e.g. ``runs/mnist`` or ``runs/mnist-dropout0.5``.
+  """The default output directory, e.g. ``runs/mnist`` or ``runs/mnist-dropout0.5``.
 
-    Example:
-      >>> default_out("digits", 0.0), default_out("mnist", 0.5)
-      ('runs/digits', 'runs/mnist-dropout0.5')
-    """
-    name = dataset if not dropout else f"{dataset}-dropout{dropout:g}"
-    return os.path.join("runs", name)
+  Example:
+    >>> default_out("digits", 0.0), default_out("mnist", 0.5)
+    ('runs/digits', 'runs/mnist-dropout0.5')
+  """
+  name = dataset if not dropout else f'{dataset}-dropout{dropout:g}'
+  return os.path.join('runs', name)
 
 
 def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
-    if args.paper and args.model != "mlp":
-        parser.error("--paper is the paper's MLP configuration; it does not apply to --model cnn")
-    hidden = _pick(args, "hidden")
-    hidden = tuple(hidden[args.model] if isinstance(hidden, dict) else hidden)
-    units = args.unbalanced_units
-    if units is None:
-        units = PAPER["unbalanced_units"] if args.paper else default_unbalanced_units(hidden)
-    lrs = dict(args.lr)
-    extra = sorted(set(lrs) - set(args.methods))
-    if extra:
-        parser.error(f"--lr given for {', '.join(extra)}, which is not in --methods")
-    config = Config(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        model=args.model,
-        hidden=hidden,
-        epochs=_pick(args, "epochs"),
-        search_epochs=_pick(args, "search_epochs"),
-        batch_size=_pick(args, "batch_size"),
-        dropout=args.dropout,
-        seed=args.seed,
-        methods=tuple(dict.fromkeys(args.methods)),
-        inits=tuple(dict.fromkeys(args.inits)),
-        unbalanced_units=units,
-        alphas=tuple(_pick(args, "alphas")),
-        learning_rates=lrs,
-        search_init=args.search_init,
-        dtype=args.dtype,
-        out=args.out or default_out(args.dataset, args.dropout),
-        quiet=args.quiet,
-    )
-    check_config(config, parser)
-    return config
+  """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
+  if args.paper and args.model != 'mlp':
+    parser.error("--paper is the paper's MLP configuration; it does not apply to --model cnn")
+  hidden = _pick(args, 'hidden')
+  hidden = tuple(hidden[args.model] if isinstance(hidden, dict) else hidden)
+  units = args.unbalanced_units
+  if units is None:
+    units = PAPER['unbalanced_units'] if args.paper else default_unbalanced_units(hidden)
+  lrs = dict(args.lr)
+  extra = sorted(set(lrs) - set(args.methods))
+  if extra:
+    parser.error(f'--lr given for {", ".join(extra)}, which is not in --methods')
+  config = Config(
+    dataset=args.dataset,
+    data_dir=args.data_dir,
+    model=args.model,
+    hidden=hidden,
+    epochs=_pick(args, 'epochs'),
+    search_epochs=_pick(args, 'search_epochs'),
+    batch_size=_pick(args, 'batch_size'),
+    dropout=args.dropout,
+    seed=args.seed,
+    methods=tuple(dict.fromkeys(args.methods)),
+    inits=tuple(dict.fromkeys(args.inits)),
+    unbalanced_units=units,
+    alphas=tuple(_pick(args, 'alphas')),
+    learning_rates=lrs,
+    search_init=args.search_init,
+    dtype=args.dtype,
+    out=args.out or default_out(args.dataset, args.dropout),
+    quiet=args.quiet,
+  )
+  check_config(config, parser)
+  return config
 
 
 def check_config(config: Config, parser: argparse.ArgumentParser) -> None:
-    """Rejects settings that cannot run."""
-    positive = {
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "unbalanced_units": config.unbalanced_units,
-        "search_epochs": config.search_epochs,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(config.hidden) < 1:
-        parser.error("--hidden widths must be at least 1")
-    if not 0 <= config.dropout < 1:
-        parser.error("--dropout must be in [0, 1)")
+  """Rejects settings that cannot run."""
+  positive = {
+    'epochs': config.epochs,
+    'batch_size': config.batch_size,
+    'unbalanced_units': config.unbalanced_units,
+    'search_epochs': config.search_epochs,
+  }
+  for name, value in positive.items():
+    if value < 1:
+      parser.error(f'--{name.replace("_", "-")} must be at least 1')
+  if min(config.hidden) < 1:
+    parser.error('--hidden widths must be at least 1')
+  if not 0 <= config.dropout < 1:
+    parser.error('--dropout must be in [0, 1)')
 
 
 def plot_command(args: argparse.Namespace) -> None:
-    """Combines run directories into one figure (and optionally one summary)."""
-    metrics, chosen = report.combine_runs({d: report.load_run(d) for d in args.run_dirs})
-    report.plot(metrics, args.out)
-    if args.summary:
-        report.write_summary(args.summary, metrics, chosen, [f"Runs: {', '.join(args.run_dirs)}."])
+  """Combines run directories into one figure (and optionally one summary)."""
+  metrics, chosen = report.combine_runs({d: report.load_run(d) for d in args.run_dirs})
+  report.plot(metrics, args.out)
+  if args.summary:
+    report.write_summary(args.summary, metrics, chosen, [f'Runs: {", ".join(args.run_dirs)}.'])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m optax_path.experiments`` and ``optax-path``.
+  """Entry point of ``python -m optax_path.experiments`` and ``optax-path``.
 
-    Args:
-      argv: Arguments (default: ``sys.argv[1:]``).
+  Args:
+    argv: Arguments (default: ``sys.argv[1:]``).
 
-    Returns:
-      The exit status.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "reproduce":
-        reproduce(make_config(args, parser))
-    else:
-        plot_command(args)
-    return 0
+  Returns:
+    The exit status.
+  """
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command == 'reproduce':
+    reproduce(make_config(args, parser))
+  else:
+    plot_command(args)
+  return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == '__main__':
+  sys.exit(main())
