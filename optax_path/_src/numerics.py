@@ -58,6 +58,16 @@ def abs_pow(x: jax.Array, p: Exponent) -> jax.Array:
   return jnp.abs(x) ** p
 
 
+def _where(condition, x, y) -> jax.Array:
+  """``jnp.where`` without its nested ``jit``, which costs compile time for every shape."""
+  dtype = jnp.result_type(x, y)
+  shape = jnp.broadcast_shapes(jnp.shape(condition), jnp.shape(x), jnp.shape(y))
+  condition, x, y = (
+    jnp.broadcast_to(a, shape) for a in (condition, jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+  )
+  return jax.lax.select(condition, x, y)
+
+
 def _pow2(k: jax.Array, dtype) -> jax.Array:
   """Exactly ``2^k`` for integer ``k`` in the normal exponent range of ``dtype``."""
   info = jnp.finfo(dtype)
@@ -75,15 +85,23 @@ def ldexp(x: jax.Array, k: jax.Array) -> jax.Array:
   """
   info = jnp.finfo(x.dtype)
   low, high = int(info.minexp), int(info.maxexp) - 1
-  k = jnp.clip(k, 2 * low, 2 * high)
-  half = k // 2
+  k = jnp.minimum(jnp.maximum(k, 2 * low), 2 * high)
+  half = k >> 1
   return x * _pow2(half, x.dtype) * _pow2(k - half, x.dtype)
 
 
 def exponent(x: jax.Array) -> jax.Array:
-  """The integer ``e`` with ``|x| < 2^e <= 2|x|``, and a very negative sentinel for 0."""
-  _, e = jnp.frexp(x)
-  return jnp.where(x != 0, e, _NO_EXPONENT)
+  """An integer ``e`` with ``|x| < 2^e <= 2|x|`` (``frexp``'s), a very negative one for 0.
+
+  Read from the bits (``jnp.frexp`` is many more ops); subnormals get the smallest
+  normal exponent, an upper bound, which is all the normalisation needs.
+  """
+  info = jnp.finfo(x.dtype)
+  int_dtype = jnp.int64 if jnp.dtype(x.dtype).itemsize == 8 else jnp.int32
+  bits = jax.lax.bitcast_convert_type(x, int_dtype)
+  biased = (bits >> int(info.nmant)) & (2 ** int(info.nexp) - 1)
+  e = (jnp.maximum(biased, 1) - (int(info.maxexp) - 2)).astype(jnp.int32)
+  return _where(x != 0, e, _NO_EXPONENT)
 
 
 def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent) -> jax.Array:
@@ -100,22 +118,23 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
   """
   alive = jnp.isfinite(log_x)
   # Split exp(log_x) = x_mantissa * 2^(p * k), with x_mantissa in [2^-p/2, 2^p/2].
-  k = jnp.where(alive, jnp.round(jax.lax.stop_gradient(log_x) / (p * LN2)), 0).astype(jnp.int32)
-  x_mantissa = jnp.exp(jnp.where(alive, log_x - p * LN2 * k, -jnp.inf))
-  w = jnp.where(alive[:, None], w, 0)
+  nearest = jnp.floor(jax.lax.stop_gradient(log_x) / (p * LN2) + 0.5)
+  k = _where(alive, nearest, 0).astype(jnp.int32)
+  x_mantissa = jnp.exp(_where(alive, log_x - p * LN2 * k, -jnp.inf))
+  w = _where(alive[:, None], w, 0)
   # Column exponents: the largest 2^k_u |w_uv| of each column lies in [1/2, 1).
   column = jnp.max(exponent(w) + k[:, None], axis=0)
   if b is not None:
     column = jnp.maximum(column, exponent(b))
   nonzero = column > _NO_EXPONENT // 2
-  column = jnp.where(nonzero, column, 0)
+  column = _where(nonzero, column, 0)
   terms = abs_pow(ldexp(w, k[:, None] - column[None, :]), p)
   # HIGHEST: no TF32 or bfloat16 passes on GPU and TPU, whose error would show in scales.
   total = jnp.matmul(x_mantissa, terms, precision=jax.lax.Precision.HIGHEST)
   if b is not None:
     total = total + abs_pow(ldexp(b, -column), p)
-  log_total = jnp.log(jnp.where(nonzero, total, 1.0)) + p * LN2 * column
-  return jnp.where(nonzero, log_total, -jnp.inf)
+  log_total = jnp.log(_where(nonzero, total, 1.0)) + p * LN2 * column
+  return _where(nonzero, log_total, -jnp.inf)
 
 
 def divide_by_scale(update: jax.Array, log_scale: jax.Array) -> jax.Array:
@@ -129,8 +148,8 @@ def divide_by_scale(update: jax.Array, log_scale: jax.Array) -> jax.Array:
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
-  log_quotient = jnp.where(
+  log_quotient = _where(
     jnp.isneginf(log_scale), -jnp.inf, jnp.log(jnp.abs(g)) - log_scale.astype(dtype)
   )
   quotient = jnp.sign(g) * jnp.minimum(jnp.exp(log_quotient), largest)
-  return jnp.where(jnp.isfinite(g), quotient, g).astype(update.dtype)
+  return _where(jnp.isfinite(g), quotient, g).astype(update.dtype)

@@ -28,14 +28,17 @@ from optax_path._src import layers as layers_lib
 from optax_path._src import numerics
 
 
-def _layer_arrays(leaves, chain, dtype):
-  kernels = [leaves[layer.kernel].astype(dtype) for layer in chain]
-  biases = [None if layer.bias is None else leaves[layer.bias].astype(dtype) for layer in chain]
+def _layer_arrays(leaves, chain):
+  kernels = [leaves[layer.kernel] for layer in chain]
+  biases = [None if layer.bias is None else leaves[layer.bias] for layer in chain]
   return kernels, biases
 
 
-def _scale_dtype(leaves, chain):
-  return numerics.compute_dtype(jnp.result_type(*(leaves[layer.kernel] for layer in chain)))
+def _in_compute_dtype(kernels, biases):
+  dtype = numerics.compute_dtype(jnp.result_type(*kernels))
+  kernels = [w.astype(dtype) for w in kernels]
+  biases = [None if b is None else b.astype(dtype) for b in biases]
+  return kernels, biases
 
 
 def log_gamma_in(kernels, biases, p) -> list[jax.Array]:
@@ -69,8 +72,27 @@ def _compiled_for_concrete_p(fn):
   return wrapped
 
 
-_log_gamma_in = _compiled_for_concrete_p(log_gamma_in)
-_log_gamma_out = _compiled_for_concrete_p(log_gamma_out)
+def layer_log_scales(kernels, biases, p) -> tuple[list[jax.Array], list[jax.Array | None]]:
+  """The log scales of every kernel and bias of the chain (eq. 9, Algorithm 1)."""
+  kernels, biases = _in_compute_dtype(kernels, biases)
+  log_in, log_out = log_gamma_in(kernels, biases, p), log_gamma_out(kernels, p)
+  kernel_scales = [
+    (2 / p) * (log_in[l][:, None] + log_out[l + 1][None, :]) for l in range(len(kernels))
+  ]
+  bias_scales = [None if b is None else (2 / p) * log_out[l + 1] for l, b in enumerate(biases)]
+  return kernel_scales, bias_scales
+
+
+def _log_path_norm_of_layers(kernels, biases, p) -> jax.Array:
+  kernels, biases = _in_compute_dtype(kernels, biases)
+  return jax.nn.logsumexp(log_gamma_in(kernels, biases, p)[-1]) / p
+
+
+_layer_log_scales = _compiled_for_concrete_p(layer_log_scales)
+_layer_scales = _compiled_for_concrete_p(
+  lambda kernels, biases, p: jax.tree.map(jnp.exp, layer_log_scales(kernels, biases, p))
+)
+_log_path_norm = _compiled_for_concrete_p(_log_path_norm_of_layers)
 
 
 def check_mode(layers, apply_fn, input_shape) -> None:
@@ -103,17 +125,17 @@ def log_scale_leaves(
     from optax_path._src import general
 
     return general.log_scale_leaves(params, p, apply_fn, input_shape)
+  return _scale_leaves(params, p, layers, _layer_log_scales)
+
+
+def _scale_leaves(params, p, layers, of_layers):
   chain = layers_lib.find_layers(params, layers)
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
-  kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
-  log_in, log_out = _log_gamma_in(kernels, biases, p=p), _log_gamma_out(kernels, p=p)
-  log_scales = {}
-  for l, layer in enumerate(chain):
-    log_scales[layer.kernel] = (2 / p) * (log_in[l][:, None] + log_out[l + 1][None, :])
-    if layer.bias is not None:
-      log_scales[layer.bias] = (2 / p) * log_out[l + 1]
-  return leaves, treedef, log_scales
+  kernel_scales, bias_scales = of_layers(*_layer_arrays(leaves, chain), p=p)
+  by_leaf = {layer.kernel: s for layer, s in zip(chain, kernel_scales)}
+  by_leaf.update({layer.bias: s for layer, s in zip(chain, bias_scales) if s is not None})
+  return leaves, treedef, by_leaf
 
 
 def path_scales(
@@ -154,8 +176,12 @@ def path_scales(
   """
   p = numerics.validate_p(p)
   check_mode(layers, apply_fn, input_shape)
-  leaves, treedef, log_scales = log_scale_leaves(params, p, layers, apply_fn, input_shape)
-  scales = [jnp.exp(log_scales[i]) if i in log_scales else leaf for i, leaf in enumerate(leaves)]
+  if apply_fn is None:
+    leaves, treedef, scales = _scale_leaves(params, p, layers, _layer_scales)
+  else:
+    leaves, treedef, log_scales = log_scale_leaves(params, p, None, apply_fn, input_shape)
+    scales = {i: jnp.exp(log_scale) for i, log_scale in log_scales.items()}
+  scales = [scales.get(i, leaf) for i, leaf in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, scales)
 
 
@@ -180,8 +206,7 @@ def log_path_norm(
     return general.log_path_norm(params, p, apply_fn, input_shape)
   chain = layers_lib.find_layers(params, layers)
   leaves = [leaf for _, leaf in layers_lib.flatten_with_names(params)[0]]
-  kernels, biases = _layer_arrays(leaves, chain, _scale_dtype(leaves, chain))
-  return jax.nn.logsumexp(_log_gamma_in(kernels, biases, p=p)[-1]) / p
+  return _log_path_norm(*_layer_arrays(leaves, chain), p=p)
 
 
 def path_norm(
