@@ -138,7 +138,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
 
   datasets = experiments(rows)
   colors = method_colors(r['method'] for r in rows)
-  fig = Figure(figsize=(14, 3.4 * len(datasets)), layout='constrained')
+  fig = Figure(figsize=(17, 3.4 * len(datasets)), layout='constrained')
   FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend.
   axes = fig.subplots(len(datasets), 3, squeeze=False)
   for ax_row, (title, drows) in zip(axes, datasets.items()):
@@ -149,7 +149,7 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
         values[~np.isfinite(values)] = np.nan
         ax.plot(epochs, values, label=f'{method} ({init})', **style)
     _style_row(ax_row, drows, title)
-  axes[0, -1].legend(fontsize='small')
+  fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='outside right center', fontsize='small')
   fig.savefig(path, dpi=110)
 
 
