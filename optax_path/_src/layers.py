@@ -147,7 +147,7 @@ def _order_layers(groups, layers: Sequence[LayerSpec] | None) -> list[KeyPath]:
   return ordered
 
 
-def _check_coverage(groups, ordered: list[KeyPath], named_leaves) -> None:
+def _check_coverage(ordered: list[KeyPath], named_leaves) -> None:
   """Every leaf must be the kernel or bias of a layer in the chain."""
   chain = set(ordered)
   stray = [
@@ -207,7 +207,7 @@ def find_layers(params: Any, layers: Sequence[LayerSpec] | None = None) -> list[
       + ('; '.join(_describe(p, leaf) for p, leaf in named_leaves) or 'no leaves')
       + '.'
     )
-  _check_coverage(groups, ordered, named_leaves)
+  _check_coverage(ordered, named_leaves)
   for path in ordered:
     _check_masking(path, named_leaves)
   chain = [_check_layer(path, groups[path], named_leaves) for path in ordered]
