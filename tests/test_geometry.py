@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_invariance import make_problem, output_gap, rescale_every_unit, train
+from test_invariance import loss_fn, make_problem, output_gap, rescale_every_unit, train
 
 import optax_path
 
@@ -76,3 +76,13 @@ def test_inner_may_not_read_params():
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match='requires the current value of parameters'):
     optax_path.path_adam(1e-3).update(params, tx.init(params))
+
+
+def test_one_step_of_path_geometry_sgd_is_path_sgd_to_1e6():
+  params, inputs, labels, _ = PROBLEM
+  grads = jax.grad(loss_fn)(params, inputs[0], labels[0])
+  steps = []
+  for tx in (optax_path.path_geometry(optax.sgd(0.05)), optax_path.path_sgd(0.05)):
+    steps.append(tx.update(grads, tx.init(params), params)[0])
+  for x, y in zip(jax.tree.leaves(steps[0]), jax.tree.leaves(steps[1]), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-30)

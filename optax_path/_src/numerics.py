@@ -140,16 +140,19 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
 def divide_by_scale(update: jax.Array, log_scale: jax.Array) -> jax.Array:
   """``update / exp(log_scale)``, right wherever the quotient is representable.
 
-  A zero scale (``log_scale == -inf``) gives 0, a quotient beyond the range of the
-  update's dtype gives its largest finite value (with the sign of ``update``), and
-  non-finite entries of ``update`` pass through unchanged. The result has
-  ``update``'s dtype.
+  Where ``exp(-log_scale)`` is a normal number the quotient is one product (one
+  rounding); elsewhere it is formed in the log domain. A zero scale (``log_scale ==
+  -inf``) gives 0, a quotient beyond the range of the update's dtype gives its largest
+  finite value (with the sign of ``update``), and non-finite entries of ``update`` pass
+  through unchanged. The result has ``update``'s dtype.
   """
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
+  log_scale = log_scale.astype(dtype)
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
-  log_quotient = _where(
-    jnp.isneginf(log_scale), -jnp.inf, jnp.log(jnp.abs(g)) - log_scale.astype(dtype)
-  )
-  quotient = jnp.sign(g) * jnp.minimum(jnp.exp(log_quotient), largest)
+  in_range = jnp.abs(log_scale) <= 0.9 * math.log(float(jnp.finfo(dtype).max))
+  direct = g * jnp.exp(-_where(in_range, log_scale, 0))
+  log_quotient = _where(jnp.isneginf(log_scale), -jnp.inf, jnp.log(jnp.abs(g)) - log_scale)
+  quotient = _where(in_range, direct, jnp.sign(g) * jnp.exp(log_quotient))
+  quotient = jnp.minimum(jnp.maximum(quotient, -largest), largest)
   return _where(jnp.isfinite(g), quotient, g).astype(update.dtype)
