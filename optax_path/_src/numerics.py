@@ -1,4 +1,4 @@
-"""Log-domain arithmetic for path scales, exact over the whole float range.
+"""Log-domain arithmetic for path scales, accurate over the whole float range.
 
 The path scales of a network initialised like the paper's unbalanced nets span far
 more than the float32 range (units rescaled by 1e25 make ``|W|^2`` reach 1e50), even
@@ -6,8 +6,8 @@ though the weights and the updates ``grad / scale`` are ordinary float32 numbers
 the per-unit sums of Algorithm 1 are carried as logarithms, and each matrix-vector
 product is done on float mantissas: every row and column of ``|W|`` is shifted by an
 exact power of two (``ldexp``) so that the largest term of each sum lies in
-``[2^-p/2, 2^p/2]``. The products stay plain matmuls, and the result is right to a few
-ulps wherever the true value lies, representable or not.
+``[2^-p/2, 2^p/2]``. The products stay plain matmuls, and each sum is right to a few
+ulps of its logarithm wherever the true value lies, representable or not.
 """
 
 from __future__ import annotations
