@@ -227,32 +227,34 @@ def test_diverging_run_stops_without_crashing(tiny):
 # ------------------------------------------------------------------------- end to end
 
 
+def reproduce_on_small_digits(*argv: str) -> int:
+  """``reproduce`` with ``argv``, on a small slice of digits instead of the loaded set."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(data, 'load_dataset', lambda name, data_dir=None, **kw: small_digits())
+    return cli.main(['reproduce', *argv])
+
+
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp('run')
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(data, 'load_dataset', lambda name, data_dir=None, **kw: small_digits())
-    status = cli.main(
-      [
-        'reproduce',
-        '--dataset',
-        'digits',
-        '--hidden',
-        '16',
-        '--epochs',
-        '2',
-        '--search-epochs',
-        '2',
-        '--alphas',
-        '1',
-        '2',
-        '--out',
-        str(out),
-        '--quiet',
-        '--lr',
-        'adagrad=0.05',
-      ]
-    )
+  status = reproduce_on_small_digits(
+    '--dataset',
+    'digits',
+    '--hidden',
+    '16',
+    '--epochs',
+    '2',
+    '--search-epochs',
+    '2',
+    '--alphas',
+    '1',
+    '2',
+    '--out',
+    str(out),
+    '--quiet',
+    '--lr',
+    'adagrad=0.05',
+  )
   assert status == 0
   return out
 
@@ -418,31 +420,26 @@ def test_unbalance_channels_keeps_the_function_and_the_path_norm():
 
 
 def test_cnn_end_to_end_path_sgd_curves_agree(tmp_path):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(data, 'load_dataset', lambda name, data_dir=None, **kw: small_digits())
-    status = cli.main(
-      [
-        'reproduce',
-        '--model',
-        'cnn',
-        '--hidden',
-        '4',
-        '8',
-        '--epochs',
-        '2',
-        '--search-epochs',
-        '1',
-        '--alphas',
-        '1',
-        '--methods',
-        'path-sgd',
-        'path-adam',
-        'sgd',
-        '--out',
-        str(tmp_path),
-        '--quiet',
-      ]
-    )
+  status = reproduce_on_small_digits(
+    '--model',
+    'cnn',
+    '--hidden',
+    '4',
+    '8',
+    '--epochs',
+    '2',
+    '--search-epochs',
+    '1',
+    '--alphas',
+    '1',
+    '--methods',
+    'path-sgd',
+    'path-adam',
+    'sgd',
+    '--out',
+    str(tmp_path),
+    '--quiet',
+  )
   assert status == 0
   for name in ('metrics.csv', 'selection.csv', 'figure.png', 'summary.md'):
     assert (tmp_path / name).stat().st_size > 0
