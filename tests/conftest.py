@@ -23,3 +23,12 @@ def random_mlp(rng: np.random.Generator, widths, *, bias=True, dtype=np.float64,
       layer['bias'] = (scale * rng.normal(size=n_out)).astype(dtype)
     params[f'Dense_{l}'] = layer
   return params
+
+
+def normalize_once(tx, grads, params, hint_params=None):
+  """One ``tx.update`` of ``grads`` at ``params``, its state from ``tx.init(hint_params)``.
+
+  ``hint_params`` (default ``params``) are the params the state's warm start is from.
+  """
+  state = tx.init(params if hint_params is None else hint_params)
+  return tx.update(grads, state, params)[0]

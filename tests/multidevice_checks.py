@@ -100,8 +100,8 @@ def test_sharded_updates_equal_unsharded_and_keep_the_shardings(name):
 
   for mode in modes(name).values():
     tx = optax_path.path_normalize(2.0, **mode)
-    expected, _ = jax.jit(tx.update)(grad(*one), optax.EmptyState(), one[0])
-    updates, _ = jax.jit(tx.update)(grads_sharded, optax.EmptyState(), sharded)
+    expected, _ = jax.jit(tx.update)(grad(*one), tx.init(one[0]), one[0])
+    updates, _ = jax.jit(tx.update)(grads_sharded, tx.init(sharded), sharded)
     assert_close(updates, expected)
     for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(sharded)):
       assert u.sharding.is_equivalent_to(w.sharding, w.ndim), (u.sharding, w.sharding)

@@ -12,6 +12,8 @@ from flax import nnx
 
 import optax_path
 
+from conftest import normalize_once
+
 # ---------------------------------------------------------------------------------------
 # (a) Brute force: a conv net unrolled into explicit edges and paths, in float64.
 
@@ -364,7 +366,7 @@ def test_general_mode_equals_the_mlp_mode(make):
   def both_modes(params, grads):
     results = []
     for mode in ({'apply_fn': apply_fn, 'input_shape': (4,)}, {}):
-      updates, _ = optax_path.path_normalize(p, **mode).update(grads, optax.EmptyState(), params)
+      updates = normalize_once(optax_path.path_normalize(p, **mode), grads, params)
       results.append((updates, optax_path.log_path_norm(params, p, **mode)))
     return results
 
@@ -401,7 +403,7 @@ def test_nnx_optimizer_in_the_general_mode():
 def test_jit_compiles_once_and_p_may_be_injected():
   params, apply_fn = linen_mlp()
   grads = jax.tree.map(jnp.ones_like, params)
-  expected, _ = jax.jit(optax_path.path_normalize(2.0).update)(grads, optax.EmptyState(), params)
+  expected = jax.jit(normalize_once, static_argnums=0)(optax_path.path_normalize(2.0), grads, params)
   tx = optax.inject_hyperparams(optax_path.path_normalize, static_args=('apply_fn', 'input_shape'))(
     p=2.0, apply_fn=apply_fn, input_shape=(4,)
   )
@@ -426,7 +428,7 @@ def test_overflow_gives_zero_updates_and_inf_norm_never_nan():
 
   @jax.jit
   def general_mode(huge, grads):
-    updates, _ = optax_path.path_normalize(**mode).update(grads, optax.EmptyState(), huge)
+    updates = normalize_once(optax_path.path_normalize(**mode), grads, huge)
     return updates, optax_path.path_scales(huge, **mode), optax_path.log_path_norm(huge, **mode)
 
   updates, scales, norm = general_mode(huge, grads)
@@ -446,7 +448,7 @@ def test_float64_pass_covers_what_float32_cannot(x64):
     huge64 = jax.tree.map(lambda w: w.astype(jnp.float64), huge)
     results = []
     for mode in ({'apply_fn': apply_fn, 'input_shape': (4,)}, {}):
-      updates, _ = optax_path.path_normalize(**mode).update(grads, optax.EmptyState(), huge)
+      updates = normalize_once(optax_path.path_normalize(**mode), grads, huge)
       results.append((updates, optax_path.log_path_norm(huge if mode else huge64, **mode)))
     return results
 
@@ -498,8 +500,8 @@ def test_masked_leaves_are_passed_through_when_the_forward_pass_does_not_need_th
   tx = optax.masked(inner, mask)
   grads = jax.tree.map(jnp.ones_like, tree)
   updates, _ = jax.jit(tx.update)(grads, tx.init(tree), tree)
-  expected, _ = jax.jit(optax_path.path_normalize().update)(
-    grads['trunk'], optax.EmptyState(), params
+  expected = jax.jit(normalize_once, static_argnums=0)(
+    optax_path.path_normalize(), grads['trunk'], params
   )
   assert_trees_close(updates['trunk'], expected)
   np.testing.assert_allclose(updates['aux']['kernel'], 1.0)

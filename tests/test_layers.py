@@ -12,6 +12,8 @@ from flax import nnx
 
 import optax_path
 
+from conftest import normalize_once
+
 
 def chain_params(widths, names=None, bias=True):
   names = names or [f'Dense_{l}' for l in range(len(widths) - 1)]
@@ -26,7 +28,7 @@ def chain_params(widths, names=None, bias=True):
 
 def normalize(params, grads=None, **kwargs):
   grads = params if grads is None else grads
-  return optax_path.path_normalize(2.0, **kwargs).update(grads, optax.EmptyState(), params)[0]
+  return normalize_once(optax_path.path_normalize(2.0, **kwargs), grads, params)
 
 
 def test_twelve_linen_layers_are_ordered_numerically():

@@ -89,7 +89,7 @@ def path_geometry(
       )
     transform.check_same_structure(updates, params)
     _, _, log_scales = scales_lib.log_scale_leaves(params, p, **mode)
-    log_sqrt_scales = {i: log_scale / 2 for i, log_scale in log_scales.items()}
+    log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
     whitened = transform.divide_by_scales(updates, log_sqrt_scales)
     step, inner_state = inner.update(whitened, state.inner_state, None)
     return transform.divide_by_scales(step, log_sqrt_scales), PathGeometryState(inner_state)

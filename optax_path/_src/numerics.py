@@ -137,22 +137,52 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
   return _where(nonzero, log_total, -jnp.inf)
 
 
-def divide_by_scale(update: jax.Array, log_scale: jax.Array) -> jax.Array:
-  """``update / exp(log_scale)``, right wherever the quotient is representable.
+# ln 2 in two parts: ``k * LN2_HIGH`` is exact for |k| < 2^12 (Cody and Waite).
+_LN2_HIGH = 0.693359375
+_LN2_LOW = LN2 - _LN2_HIGH
+_MAX_LOG2 = 2**14  # far beyond any float exponent, and sums of a few stay int32
 
-  Where ``exp(-log_scale)`` is a normal number the quotient is one product (one
-  rounding); elsewhere it is formed in the log domain. A zero scale (``log_scale ==
-  -inf``) gives 0, a quotient beyond the range of the update's dtype gives its largest
-  finite value (with the sign of ``update``), and non-finite entries of ``update`` pass
-  through unchanged. The result has ``update``'s dtype.
+
+def split_exp(log_x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``exp(log_x)`` as ``(mantissa, k)``: ``mantissa * 2^k``, mantissa in ``[0.7, 1.42]``.
+
+  Exact to an ulp of the mantissa over any range of ``log_x``. A non-finite ``log_x``
+  gives ``(0, 0)``.
+  """
+  finite = jnp.isfinite(log_x)
+  safe = jnp.minimum(jnp.maximum(_where(finite, log_x, 0), -_MAX_LOG2 * LN2), _MAX_LOG2 * LN2)
+  k = jnp.round(safe / LN2)
+  mantissa = jnp.exp((safe - k * _LN2_HIGH) - k * _LN2_LOW)
+  return _where(finite, mantissa, 0), k.astype(jnp.int32)
+
+
+def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
+  """``update / exp(sum(log_scale))``, right wherever the quotient is representable.
+
+  ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
+  column vector, so that the scales of a layer are never formed). Each term is split
+  into a mantissa and an exponent of two (per unit, not per parameter); per parameter
+  it costs two products by mantissas and two by exact powers of two, a few integer
+  operations and no transcendental function, which fuses into the optimizer's update.
+
+  A zero scale (a term ``-inf``) gives 0, a quotient beyond the range of the update's
+  dtype gives its largest finite value (with the sign of ``update``), and non-finite
+  entries of ``update`` pass through unchanged. The result has ``update``'s dtype.
   """
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
-  log_scale = log_scale.astype(dtype)
+  mantissa, power = jnp.ones((), dtype), jnp.zeros((), jnp.int32)
+  for term in log_scale:
+    term_mantissa, term_power = split_exp(-term.astype(dtype))
+    mantissa, power = mantissa * term_mantissa, power + term_power
+  info = jnp.finfo(dtype)
+  low, high = int(info.minexp), int(info.maxexp) - 1
+  # Two exact powers of two, both of the sign of ``power``: the running product moves
+  # monotonically from g * mantissa to the quotient, so it leaves the float range
+  # only where the quotient does.
+  first = jnp.minimum(jnp.maximum(power, low), high)
+  second = jnp.minimum(jnp.maximum(power - first, low), high)
+  quotient = g * mantissa * _pow2(first, dtype) * _pow2(second, dtype)
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
-  in_range = jnp.abs(log_scale) <= 0.9 * math.log(float(jnp.finfo(dtype).max))
-  direct = g * jnp.exp(-_where(in_range, log_scale, 0))
-  log_quotient = _where(jnp.isneginf(log_scale), -jnp.inf, jnp.log(jnp.abs(g)) - log_scale)
-  quotient = _where(in_range, direct, jnp.sign(g) * jnp.exp(log_quotient))
   quotient = jnp.minimum(jnp.maximum(quotient, -largest), largest)
   return _where(jnp.isfinite(g), quotient, g).astype(update.dtype)

@@ -34,7 +34,8 @@ def _layer_arrays(leaves, chain):
   return kernels, biases
 
 
-def _in_compute_dtype(kernels, biases):
+def in_compute_dtype(kernels, biases):
+  """The kernels and biases in the dtype the scales are computed in."""
   dtype = numerics.compute_dtype(jnp.result_type(*kernels))
   kernels = [w.astype(dtype) for w in kernels]
   biases = [None if b is None else b.astype(dtype) for b in biases]
@@ -57,7 +58,7 @@ def log_gamma_out(kernels, p) -> list[jax.Array]:
   return log_out[::-1]
 
 
-def _compiled_for_concrete_p(fn):
+def compiled_for_concrete_p(fn):
   """``fn(..., p)``, compiled once per shape and ``p`` when ``p`` is a float.
 
   Called eagerly, the passes would dispatch (and compile) dozens of small ops one by
@@ -72,27 +73,42 @@ def _compiled_for_concrete_p(fn):
   return wrapped
 
 
-def layer_log_scales(kernels, biases, p) -> tuple[list[jax.Array], list[jax.Array | None]]:
-  """The log scales of every kernel and bias of the chain (eq. 9, Algorithm 1)."""
-  kernels, biases = _in_compute_dtype(kernels, biases)
-  log_in, log_out = log_gamma_in(kernels, biases, p), log_gamma_out(kernels, p)
+LogScale = tuple[jax.Array, ...]  # terms that broadcast to a leaf and sum to its log scale
+
+
+def log_gammas(kernels, biases, p) -> tuple[list[jax.Array], list[jax.Array]]:
+  """``(log gamma_in, log gamma_out)`` of every layer's units, by the exact passes."""
+  kernels, biases = in_compute_dtype(kernels, biases)
+  return log_gamma_in(kernels, biases, p), log_gamma_out(kernels, p)
+
+
+def layer_log_scales(log_in, log_out, biases, p) -> tuple[list[LogScale], list[LogScale | None]]:
+  """The log scales of every kernel and bias (eq. 9), as a row and a column term.
+
+  ``log gamma_p(w, u -> v) = (2/p) (log gamma_in[u] + log gamma_out[v])``: kept as the
+  two vectors, so that a layer's scales are never formed.
+  """
   kernel_scales = [
-    (2 / p) * (log_in[l][:, None] + log_out[l + 1][None, :]) for l in range(len(kernels))
+    ((2 / p) * log_in[l][:, None], (2 / p) * log_out[l + 1][None, :]) for l in range(len(biases))
   ]
-  bias_scales = [None if b is None else (2 / p) * log_out[l + 1] for l, b in enumerate(biases)]
+  bias_scales = [None if b is None else ((2 / p) * log_out[l + 1],) for l, b in enumerate(biases)]
   return kernel_scales, bias_scales
 
 
+def _formed_scales(kernels, biases, p):
+  kernel_scales, bias_scales = layer_log_scales(*log_gammas(kernels, biases, p), biases, p)
+  form = lambda terms: None if terms is None else jnp.exp(sum(terms))  # noqa: E731
+  return [form(t) for t in kernel_scales], [form(t) for t in bias_scales]
+
+
 def _log_path_norm_of_layers(kernels, biases, p) -> jax.Array:
-  kernels, biases = _in_compute_dtype(kernels, biases)
+  kernels, biases = in_compute_dtype(kernels, biases)
   return jax.nn.logsumexp(log_gamma_in(kernels, biases, p)[-1]) / p
 
 
-_layer_log_scales = _compiled_for_concrete_p(layer_log_scales)
-_layer_scales = _compiled_for_concrete_p(
-  lambda kernels, biases, p: jax.tree.map(jnp.exp, layer_log_scales(kernels, biases, p))
-)
-_log_path_norm = _compiled_for_concrete_p(_log_path_norm_of_layers)
+exact_log_gammas = compiled_for_concrete_p(log_gammas)
+_layer_scales = compiled_for_concrete_p(_formed_scales)
+_log_path_norm = compiled_for_concrete_p(_log_path_norm_of_layers)
 
 
 def check_mode(layers, apply_fn, input_shape) -> None:
@@ -114,28 +130,50 @@ def log_scale_leaves(
   layers: Sequence[layers_lib.LayerSpec] | None = None,
   apply_fn=None,
   input_shape=None,
-) -> tuple[list[Any], Any, dict[int, jax.Array]]:
+  gammas: tuple[list[jax.Array], list[jax.Array]] | None = None,
+) -> tuple[list[Any], Any, dict[int, LogScale]]:
   """The log path scale of every leaf that has one.
+
+  Args:
+    params: the params pytree.
+    p: the exponent.
+    layers, apply_fn, input_shape: the mode (see ``path_normalize``).
+    gammas: MLP mode: the ``(log gamma_in, log gamma_out)`` of the layers, when known.
 
   Returns:
     ``(leaves, treedef, log_scales)``: the flattened params (``MaskedNode`` kept as
-    leaves), their treedef, and a map from leaf index to that leaf's log scale.
+    leaves), their treedef, and a map from leaf index to that leaf's log scale, as
+    terms that broadcast to the leaf and sum to it.
   """
   if apply_fn is not None:
     from optax_path._src import general
 
-    return general.log_scale_leaves(params, p, apply_fn, input_shape)
-  return _scale_leaves(params, p, layers, _layer_log_scales)
+    leaves, treedef, log_scales = general.log_scale_leaves(params, p, apply_fn, input_shape)
+    return leaves, treedef, {i: (log_scale,) for i, log_scale in log_scales.items()}
+  chain, leaves, treedef = chain_and_leaves(params, layers)
+  if gammas is None:
+    gammas = exact_log_gammas(*_layer_arrays(leaves, chain), p=p)
+  biases = _layer_arrays(leaves, chain)[1]
+  return leaves, treedef, _by_leaf(chain, *layer_log_scales(*gammas, biases, p))
 
 
-def _scale_leaves(params, p, layers, of_layers):
+def chain_and_leaves(params: Any, layers) -> tuple[list[layers_lib.DenseLayer], list[Any], Any]:
+  """The dense layers of ``params``, its flattened leaves and its treedef."""
   chain = layers_lib.find_layers(params, layers)
   named_leaves, treedef = layers_lib.flatten_with_names(params)
-  leaves = [leaf for _, leaf in named_leaves]
-  kernel_scales, bias_scales = of_layers(*_layer_arrays(leaves, chain), p=p)
-  by_leaf = {layer.kernel: s for layer, s in zip(chain, kernel_scales)}
-  by_leaf.update({layer.bias: s for layer, s in zip(chain, bias_scales) if s is not None})
-  return leaves, treedef, by_leaf
+  return chain, [leaf for _, leaf in named_leaves], treedef
+
+
+def layer_arrays(params: Any, layers) -> tuple[list[jax.Array], list[jax.Array | None]]:
+  """The kernels and biases of the dense layers of ``params``, from input to output."""
+  chain, leaves, _ = chain_and_leaves(params, layers)
+  return _layer_arrays(leaves, chain)
+
+
+def _by_leaf(chain, kernel_values, bias_values) -> dict[int, Any]:
+  by_leaf = {layer.kernel: v for layer, v in zip(chain, kernel_values)}
+  by_leaf.update({layer.bias: v for layer, v in zip(chain, bias_values) if v is not None})
+  return by_leaf
 
 
 def path_scales(
@@ -177,10 +215,11 @@ def path_scales(
   p = numerics.validate_p(p)
   check_mode(layers, apply_fn, input_shape)
   if apply_fn is None:
-    leaves, treedef, scales = _scale_leaves(params, p, layers, _layer_scales)
+    chain, leaves, treedef = chain_and_leaves(params, layers)
+    scales = _by_leaf(chain, *_layer_scales(*_layer_arrays(leaves, chain), p=p))
   else:
     leaves, treedef, log_scales = log_scale_leaves(params, p, None, apply_fn, input_shape)
-    scales = {i: jnp.exp(log_scale) for i, log_scale in log_scales.items()}
+    scales = {i: jnp.exp(log_scale) for i, (log_scale,) in log_scales.items()}
   scales = [scales.get(i, leaf) for i, leaf in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, scales)
 
@@ -204,9 +243,7 @@ def log_path_norm(
     from optax_path._src import general
 
     return general.log_path_norm(params, p, apply_fn, input_shape)
-  chain = layers_lib.find_layers(params, layers)
-  leaves = [leaf for _, leaf in layers_lib.flatten_with_names(params)[0]]
-  return _log_path_norm(*_layer_arrays(leaves, chain), p=p)
+  return _log_path_norm(*layer_arrays(params, layers), p=p)
 
 
 def path_norm(

@@ -12,5 +12,6 @@ Modules: :mod:`~optax_path.experiments.data` (data sets),
 :mod:`~optax_path.experiments.models` (the ReLU MLP),
 :mod:`~optax_path.experiments.training` (methods, jitted training, evaluation),
 :mod:`~optax_path.experiments.selection` (step-size search),
-:mod:`~optax_path.experiments.report` (CSV files, figure, summary).
+:mod:`~optax_path.experiments.report` (CSV files, figure, summary),
+:mod:`~optax_path.experiments.bench` (``bench``: step times against the plain optimizers).
 """

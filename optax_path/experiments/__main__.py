@@ -4,6 +4,8 @@
 step-size search on a validation split, then the final runs of every method from the
 balanced and the unbalanced initialisation, writing ``metrics.csv``, ``selection.csv``,
 ``figure.png`` and ``summary.md``. ``plot`` combines several runs into one figure.
+``bench`` times a training step of Path-SGD and Path-AdaGrad against SGD and AdaGrad
+(see :mod:`optax_path.experiments.bench`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from optax_path.experiments import data, report
+from optax_path.experiments import bench, data, report
 from optax_path.experiments.pipeline import Config, reproduce, show
 from optax_path.experiments.training import METHODS
 
@@ -36,6 +38,9 @@ PAPER = {
   'alphas': tuple(range(11)),
   'unbalanced_units': 2000,
 }
+#: Defaults of ``bench``, and of ``bench --quick`` (well under a minute on 2 CPU cores).
+BENCH_DEFAULTS = {'configs': tuple(bench.CONFIGS), 'rounds': 20, 'warmup': 3}
+BENCH_QUICK = {'configs': tuple(bench.QUICK_CONFIGS), 'rounds': 10, 'warmup': 2}
 #: The paper rescales 2000 units of its 2x4000 net; smaller nets scale this number.
 PAPER_UNBALANCED_FRACTION = 2000 / 8000
 
@@ -207,6 +212,59 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument('--summary', help='also write a combined summary.md here')
 
 
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+  """Declares the ``bench`` subcommand."""
+  configs = '; '.join(
+    f'{c.name}: 784-{"-".join(map(str, c.hidden))}-10, batch {c.batch_size}'
+    for c in bench.ALL_CONFIGS.values()
+  )
+  p = subparsers.add_parser(
+    'bench',
+    help='time a training step of each method (Path-SGD vs SGD, Path-AdaGrad vs AdaGrad)',
+    description=textwrap.fill(
+      'Time one jitted training step (forward, backward, transformation, apply; params '
+      'and optimizer state donated) of a ReLU MLP on fixed random data with sgd, '
+      'path-sgd, adagrad and path-adagrad, interleaved round-robin after warm-up, and '
+      'report the median step time, its ratio to the plain optimizer, the compile time, '
+      'the path scales alone and the peak memory. On a CPU the paper and big-batch '
+      'configs take minutes.'
+    ),
+    epilog=textwrap.fill(f'configs: {configs}.'),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    '--configs',
+    nargs='+',
+    choices=list(bench.ALL_CONFIGS),
+    metavar='CONFIG',
+    help=f'configurations to time (listed below; default: {" ".join(BENCH_DEFAULTS["configs"])}; '
+    f'with --quick: {" ".join(BENCH_QUICK["configs"])})',
+  )
+  p.add_argument(
+    '--quick',
+    action='store_true',
+    help=f'a check in seconds: the tiny configs, {BENCH_QUICK["rounds"]} rounds, '
+    f'{BENCH_QUICK["warmup"]} warm-up steps (explicit options still win)',
+  )
+  p.add_argument(
+    '--rounds',
+    type=int,
+    help=f'timed steps of each method, one per round (default: {BENCH_DEFAULTS["rounds"]})',
+  )
+  p.add_argument(
+    '--warmup',
+    type=int,
+    help=f'untimed steps of each method first (default: {BENCH_DEFAULTS["warmup"]})',
+  )
+  p.add_argument(
+    '--dtype',
+    choices=tuple(bench.DTYPES),
+    default='float32',
+    help='dtype of the params and inputs (default: %(default)s)',
+  )
+  p.add_argument('--out', help='also write bench.json and bench.md into this directory')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command-line parser."""
   parser = argparse.ArgumentParser(
@@ -216,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
   subparsers = parser.add_subparsers(dest='command', required=True)
   add_reproduce_parser(subparsers)
   add_plot_parser(subparsers)
+  add_bench_parser(subparsers)
   return parser
 
 
@@ -310,6 +369,25 @@ def plot_command(args: argparse.Namespace) -> None:
     report.write_summary(args.summary, metrics, chosen, [f'Runs: {", ".join(args.run_dirs)}.'])
 
 
+def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """Runs the benchmark, prints its tables and writes them under ``--out``."""
+  chosen = BENCH_QUICK if args.quick else BENCH_DEFAULTS
+  rounds, warmup = _or(args.rounds, chosen['rounds']), _or(args.warmup, chosen['warmup'])
+  if rounds < 1 or warmup < 0:
+    parser.error('--rounds must be at least 1 and --warmup at least 0')
+  configs = tuple(dict.fromkeys(_or(args.configs, chosen['configs'])))
+  result = bench.run_bench(configs, rounds=rounds, warmup=warmup, dtype=args.dtype)
+  result['options']['command'] = {k: v for k, v in vars(args).items() if k != 'command'}
+  print(bench.format_markdown(result), end='')
+  if args.out:
+    bench.write_outputs(result, args.out)
+
+
+def _or(value: object, default: object) -> object:
+  """``value`` unless it is None."""
+  return default if value is None else value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``python -m optax_path.experiments`` and ``optax-path``.
 
@@ -323,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.command == 'reproduce':
     reproduce(make_config(args, parser))
+  elif args.command == 'bench':
+    bench_command(args, parser)
   else:
     plot_command(args)
   return 0
