@@ -3,22 +3,23 @@
 The log-domain passes of ``scales`` are right over any range but read each kernel
 several times. Between two optimizer steps the path scales barely move, so the
 previous step's ``log gamma`` vectors say where every sum of this step lies. Each sum
-is then a plain fused reduction of float32 numbers,
+is then a plain fused reduction of floats,
 
 .. math::
 
-  \\gamma_v = e^{h_v} \\sum_u \\big(\\alpha_u \\, |W_{uv}| \\, \\sigma_v\\big)^p, \\qquad
-  \\alpha_u = e^{\\log x_u / p - c}, \\quad \\sigma_v = e^{c - h_v / p},
+  \gamma_v = e^{h_v} \sum_u \big(\alpha_u \, |W_{uv}| \, \sigma_v\big)^p, \qquad
+  \alpha_u = e^{\log x_u / p - c}, \quad \sigma_v = e^{c - h_v / p},
 
 where ``h`` is the warm start (the previous ``log gamma``) and ``c`` centres the
-per-unit factors ``alpha`` and ``sigma`` inside ``2^(+-60)``. Both are vectors (units,
-not parameters), so one read of ``W`` gives each sum, to the float's precision, even
-for the paper's unbalanced nets whose scales span far more than the float range.
+per-unit factors ``alpha`` and ``sigma`` in the float range. Both are vectors (units,
+not parameters), so one read of ``W`` gives each sum to the float's precision, even
+where the scales span far more than the float range.
 
-Whenever the warm start cannot vouch for the result (factors outside the window, a
-non-finite sum, or a sum below ``2^-40`` of its warm start, where terms lost to
-underflow could matter) the layer is recomputed by the exact log-domain pass, inside a
-``lax.cond``: the result never depends on how good the warm start was.
+The result is checked, not trusted: every sum must lie within ``2^(+-20)`` of its warm
+start, and the warm starts of each layer must fit the window the float range leaves.
+Then no term that matters can have overflowed or underflowed. Otherwise (a first step
+from other params, a jump of the weights) every layer is recomputed by the exact
+log-domain passes, in one ``lax.cond``: the result never depends on the warm start.
 """
 
 from __future__ import annotations
@@ -31,70 +32,92 @@ import jax.numpy as jnp
 from optax_path._src import numerics
 from optax_path._src import scales as scales_lib
 
-WINDOW_BITS = 60
-FLOOR_BITS = 40
+DEVIATION_BITS = 20  # how far (in powers of 2) a sum may lie from its warm start
+NEGLIGIBLE_BITS = 64  # 2^-64: a term lost to underflow is below 2^-20 * 2^-24 of the sum
 
 
 def supports(p: numerics.Exponent) -> bool:
   """Whether the warm-started passes apply: a concrete ``p >= 1``.
 
-  For ``p < 1`` a term lost to underflow is no longer negligible next to ``2^-40``; a
-  traced ``p`` cannot size the window. Both take the log-domain passes.
+  Below 1, ``|x|^p`` lifts terms lost to underflow out of negligibility; a traced
+  ``p`` cannot size the window. Both take the log-domain passes.
   """
   return isinstance(p, float) and p >= 1.0
 
 
-def _center(log_x: jax.Array, log_hint: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The centre ``c`` of the factors' logs, and whether they fit in the window."""
-  live = jnp.isfinite(log_x)
-  lowest = jnp.minimum(jnp.min(jnp.where(live, log_x, jnp.inf)), jnp.min(log_hint))
-  highest = jnp.maximum(jnp.max(jnp.where(live, log_x, -jnp.inf)), jnp.max(log_hint))
-  fits = (highest - lowest <= 2 * WINDOW_BITS * numerics.LN2) & jnp.all(jnp.isfinite(log_hint))
+def _window(dtype, p: float) -> float:
+  """How far (in nats) the factors' logs may lie from the centre."""
+  bits = int(jnp.finfo(dtype).maxexp) - 2 - NEGLIGIBLE_BITS / p
+  return bits * numerics.LN2
+
+
+def _ranges(vectors: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The smallest and largest entry of each vector, in one reduction for them all."""
+  width = max(v.shape[0] for v in vectors)
+  padded = jnp.stack([jnp.pad(v, (0, width - v.shape[0]), mode='edge') for v in vectors])
+  return jnp.min(padded, axis=1), jnp.max(padded, axis=1)
+
+
+def centers(log_hints: Sequence[jax.Array], p: float) -> tuple[jax.Array, jax.Array]:
+  """For the pass between warm starts ``l`` and ``l + 1``: the centre ``c``, and
+  whether every factor fits the window around it.
+
+  The sums along ``x`` are checked to lie within ``2^20`` of their warm starts, so the
+  warm starts alone bound every factor. A non-finite warm start does not fit.
+  """
+  lowest, highest = _ranges(log_hints)
+  lowest = jnp.minimum(lowest[:-1], lowest[1:]) / p
+  highest = jnp.maximum(highest[:-1], highest[1:]) / p
+  reach = (highest - lowest) / 2 + DEVIATION_BITS * numerics.LN2 / p
+  fits = reach <= _window(log_hints[0].dtype, p)
   return jnp.where(fits, (highest + lowest) / 2, 0.0), fits
 
 
-def warm_log_matvec(
-  log_x: jax.Array,
-  w: jax.Array,
-  b: jax.Array | None,
-  p: float,
-  log_hint: jax.Array,
-  axis: int,
-) -> tuple[jax.Array, jax.Array]:
-  """``log(sum_axis x |w|^p + |b|^p)`` in one fused read of ``w``, and whether it is right.
+def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int):
+  """``log(sum_axis x |w|^p + |b|^p)`` in one fused read of ``w``, and its check.
 
   Args:
-    log_x: logs of the non-negative vector along ``axis`` of ``w`` (``-inf`` for 0).
+    log_x: logs of the non-negative vector along ``axis`` of ``w`` (``-inf`` for 0),
+      within ``2^20`` of its warm start.
     w: a kernel ``(in, out)``.
     b: optional vector along the other axis, whose ``|b|^p`` is added.
     p: the exponent, ``>= 1``.
-    log_hint: where the result is expected (the previous step's), along the other axis.
+    center: the centre of the factors (see ``centers``).
+    log_hint: the warm start of the result, along the other axis.
     axis: the axis of ``w`` summed over: 0 for the forward pass, 1 for the backward.
 
   Returns:
-    ``(log_sum, accurate)``: ``accurate`` is a scalar bool; where it is false the
-    caller must recompute exactly.
+    ``(log_sum, near)``: ``log_sum`` is right where every ``near`` holds, and the
+    centre's window fits.
   """
-  window = WINDOW_BITS * numerics.LN2
-  center, fits = _center(log_x / p, log_hint / p)
   alpha = jnp.exp(log_x / p - center)  # 0 where x is 0
-  sigma = jnp.exp(jnp.clip(center - log_hint / p, -window, window))
+  sigma = jnp.exp(center - log_hint / p)
   alpha, sigma = (alpha[:, None], sigma[None, :]) if axis == 0 else (alpha[None, :], sigma[:, None])
   total = jnp.sum(numerics.abs_pow(alpha * w * sigma, p), axis=axis)
   log_sum = jnp.log(total) + log_hint
   if b is not None:
     log_sum = jnp.logaddexp(log_sum, p * jnp.log(jnp.abs(b)))
-  accurate = (
-    fits
-    & jnp.all(jnp.isfinite(total))
-    & jnp.all(log_sum - log_hint >= -FLOOR_BITS * numerics.LN2)
-  )
-  return log_sum, accurate
+  near = jnp.abs(log_sum - log_hint) <= DEVIATION_BITS * numerics.LN2  # false for NaN
+  return log_sum, near
 
 
-def _exact_unless_accurate(warm: tuple[jax.Array, jax.Array], exact_fn) -> jax.Array:
-  log_sum, accurate = warm
-  return jax.lax.cond(accurate, lambda: log_sum, exact_fn)
+def warm_passes(kernels, biases, p: float, hint_in, hint_out):
+  """``(log gamma_in, log gamma_out, accurate)`` by the warm-started passes alone."""
+  center_in, fits_in = centers(hint_in, p)
+  center_out, fits_out = centers(hint_out, p)
+  near = []
+  log_in = [jnp.zeros(kernels[0].shape[0], kernels[0].dtype)]
+  for l, (w, b) in enumerate(zip(kernels, biases)):
+    log_sum, ok = warm_log_matvec(log_in[-1], w, b, p, center_in[l], hint_in[l + 1], axis=0)
+    log_in.append(log_sum)
+    near.append(ok)
+  log_out = [jnp.zeros(kernels[-1].shape[1], kernels[-1].dtype)]
+  for l in reversed(range(len(kernels))):
+    log_sum, ok = warm_log_matvec(log_out[-1], kernels[l], None, p, center_out[l], hint_out[l], 1)
+    log_out.append(log_sum)
+    near.append(ok)
+  accurate = jnp.all(fits_in) & jnp.all(fits_out) & jnp.all(jnp.concatenate(near))
+  return log_in, log_out[::-1], accurate
 
 
 def warm_log_gammas(
@@ -107,20 +130,12 @@ def warm_log_gammas(
   """``log gamma_in`` and ``log gamma_out`` of every layer's units (see ``scales``).
 
   ``hint_in`` and ``hint_out`` are the same lists for nearby weights; the result is
-  exact (as ``scales.log_gamma_in`` / ``log_gamma_out``) however far they are.
+  exact (as ``scales.log_gammas``) however far they are.
   """
-  log_in = [jnp.zeros(kernels[0].shape[0], kernels[0].dtype)]
-  for l, (w, b) in enumerate(zip(kernels, biases)):
-    x = log_in[-1]
-    warm = warm_log_matvec(x, w, b, p, hint_in[l + 1], axis=0)
-    log_in.append(_exact_unless_accurate(warm, lambda: numerics.log_matvec(x, w, b, p)))
-  log_out = [jnp.zeros(kernels[-1].shape[1], kernels[-1].dtype)]
-  for l in reversed(range(len(kernels))):
-    w, y = kernels[l], log_out[-1]
-    warm = warm_log_matvec(y, w, None, p, hint_out[l], axis=1)
-    log_out.append(_exact_unless_accurate(warm, lambda: numerics.log_matvec(y, w.T, None, p)))
-  return log_in, log_out[::-1]
-
+  log_in, log_out, accurate = warm_passes(kernels, biases, p, hint_in, hint_out)
+  return jax.lax.cond(
+    accurate, lambda: (log_in, log_out), lambda: scales_lib.log_gammas(kernels, biases, p)
+  )
 
 def _check_hints(kernels, hint_in, hint_out) -> None:
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]
