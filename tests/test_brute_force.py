@@ -93,10 +93,16 @@ def test_scales_update_and_norm_match_path_enumeration(x64, depth, bias, p, seed
   assert max(errors) < 1e-10
 
   grads = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape)), params)
-  updates = jax.jit(normalize_once, static_argnums=0)(optax_path.path_normalize(p), grads, params)
   expected_updates = jax.tree.map(lambda g, s: np.asarray(g) / s, grads, expected_scales)
-  assert max(jax.tree.leaves(jax.tree.map(relative_error, updates, expected_updates))) < 1e-10
-  assert jax.tree.leaves(updates)[0].dtype == jnp.float64
+  # The state's warm start from these params, from nearby ones, and from unrelated ones.
+  nearby = jax.tree.map(lambda w: w * (1 + 0.1 * jnp.asarray(rng.normal(size=w.shape))), params)
+  unrelated = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape)) * 1e6, params)
+  for hint_params in (params, nearby, unrelated):
+    updates = jax.jit(normalize_once, static_argnums=0)(
+      optax_path.path_normalize(p), grads, params, hint_params
+    )
+    assert max(jax.tree.leaves(jax.tree.map(relative_error, updates, expected_updates))) < 1e-10
+    assert jax.tree.leaves(updates)[0].dtype == jnp.float64
 
   assert relative_error(optax_path.path_norm(params, p), expected_norm) < 1e-10
 

@@ -144,16 +144,27 @@ def path_normalize(
   listed in ``layers``. Route any other leaves elsewhere with ``optax.partition`` or
   ``optax.masked``.
 
+  Speed: the state keeps the scales per unit (``PathNormalizeState``, a few vectors).
+  Each update warm-starts from them: one fused read of each kernel per pass, checked,
+  with the exact log-domain passes as the fallback in one ``lax.cond``, so the result
+  never depends on the state (see the README's performance section). With
+  ``refresh_every=k`` the scales are recomputed on every k-th update only and reused
+  in between; stale scales keep the rescaling invariance (each update divides by the
+  scales of an equivalent network).
+
   Numerics: scales are computed in float32 or wider, as logarithms, so they are right
   for the paper's unbalanced nets and for deep nets whose scales leave the float range;
-  the update is formed without forming the scale. A zero scale (a unit with no path
-  to the input or the output) gives a zero update, an update beyond the float range
-  the largest finite value; non-finite gradients pass through unchanged; updates keep
+  the update is formed without forming the scale: per parameter, two products by
+  mantissas and two by exact powers of two. A zero scale (a unit with no path to the
+  input or the output) gives a zero update, an update beyond the float range the
+  largest finite value; non-finite gradients pass through unchanged; updates keep
   their dtype.
 
   Args:
     p: the ``l_p`` path geometry, a number > 0 (the paper uses 2). It drives no Python
       control flow, so ``optax.inject_hyperparams`` may inject it.
+    refresh_every: recompute the scales on every this many updates (MLP mode), an int
+      >= 1; 1 (the default) is exact Path-SGD. ``inject_hyperparams`` may inject it.
     layers: optional layer key paths from input to output, as ``'a/b'`` strings or
       key sequences, when the order cannot be read from the names.
     apply_fn: general mode, for any ReLU network (convolutions, residual additions,
@@ -164,7 +175,8 @@ def path_normalize(
     input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
-    A stateless ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+    An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state
+    is a ``PathNormalizeState`` in the MLP mode, ``optax.EmptyState`` in the general one.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_path
@@ -219,6 +231,7 @@ def path_sgd(
   *,
   momentum: float | None = None,
   nesterov: bool = False,
+  refresh_every: int = 1,
   layers: LayerSpecs = None,
   apply_fn=None,
   input_shape=None,
@@ -237,6 +250,7 @@ def path_sgd(
     p: the ``l_p`` path geometry, a number > 0.
     momentum: optional momentum decay, as in ``optax.sgd``.
     nesterov: Nesterov momentum, as in ``optax.sgd``.
+    refresh_every: recompute the scales every this many updates (see ``path_normalize``).
     layers: optional layer key paths from input to output.
     apply_fn: general mode: the network's forward pass (see ``path_normalize``).
     input_shape: general mode: the shape of one input, without the batch axis.
@@ -253,8 +267,9 @@ def path_sgd(
   References:
     Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Algorithm 1.
   """
+  mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
   return optax.chain(
-    path_normalize(p, layers=layers, apply_fn=apply_fn, input_shape=input_shape),
+    path_normalize(p, refresh_every=refresh_every, **mode),
     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
 
@@ -265,6 +280,7 @@ def path_adagrad(
   *,
   initial_accumulator_value: float = 0.1,
   eps: float = 1e-7,
+  refresh_every: int = 1,
   layers: LayerSpecs = None,
   apply_fn=None,
   input_shape=None,
@@ -280,6 +296,7 @@ def path_adagrad(
     p: the ``l_p`` path geometry, a number > 0.
     initial_accumulator_value: as in ``optax.adagrad``.
     eps: as in ``optax.adagrad``.
+    refresh_every: recompute the scales every this many updates (see ``path_normalize``).
     layers: optional layer key paths from input to output.
     apply_fn: general mode: the network's forward pass (see ``path_normalize``).
     input_shape: general mode: the shape of one input, without the batch axis.
@@ -290,7 +307,8 @@ def path_adagrad(
   References:
     Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Section 6.
   """
+  mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
   return optax.chain(
-    path_normalize(p, layers=layers, apply_fn=apply_fn, input_shape=input_shape),
+    path_normalize(p, refresh_every=refresh_every, **mode),
     optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps),
   )

@@ -7,8 +7,8 @@ is then a plain fused reduction of floats,
 
 .. math::
 
-  \gamma_v = e^{h_v} \sum_u \big(\alpha_u \, |W_{uv}| \, \sigma_v\big)^p, \qquad
-  \alpha_u = e^{\log x_u / p - c}, \quad \sigma_v = e^{c - h_v / p},
+  \\gamma_v = e^{h_v} \\sum_u \\big(\\alpha_u \\, |W_{uv}| \\, \\sigma_v\\big)^p, \\qquad
+  \\alpha_u = e^{\\log x_u / p - c}, \\quad \\sigma_v = e^{c - h_v / p},
 
 where ``h`` is the warm start (the previous ``log gamma``) and ``c`` centres the
 per-unit factors ``alpha`` and ``sigma`` in the float range. Both are vectors (units,

@@ -6,8 +6,10 @@ fixed random inputs with 784 features and 10 classes, already on the device): fo
 backward, the optimizer's transformation and ``apply_updates``, all in one
 ``jax.jit(step, donate_argnums=(0, 1))``, as a good training loop would run it (the params
 and the optimizer state are donated, so each step updates them in place). The methods are
-``sgd``, ``path-sgd``, ``adagrad`` and ``path-adagrad`` (step size 0.01), each with its own
-params and state, plus the path scales alone (``jax.jit(optax_path.path_scales)``).
+``sgd``, ``path-sgd``, ``adagrad`` and ``path-adagrad`` (step size 0.01), and ``path-sgd``
+refreshing its scales every 10 steps (``path-sgd-refresh10``), each with its own params
+and state; plus the transformation alone (``path_normalize(2.0).update``: the warm-started
+scales and the division, as in the ``path-sgd`` step).
 
 How it is timed:
 
@@ -52,9 +54,21 @@ NUM_FEATURES = 784
 NUM_CLASSES = 10
 LEARNING_RATE = 0.01
 #: The methods timed, each with the plain optimizer its ratio is taken against.
-BASELINES = {'sgd': 'sgd', 'path-sgd': 'sgd', 'adagrad': 'adagrad', 'path-adagrad': 'adagrad'}
-#: Name of the path scales alone in the timings.
+BASELINES = {
+  'sgd': 'sgd',
+  'path-sgd': 'sgd',
+  'adagrad': 'adagrad',
+  'path-adagrad': 'adagrad',
+  'path-sgd-refresh10': 'sgd',
+}
+#: Name of the transformation alone (scales and division) in the timings.
 SCALES = 'scales'
+
+
+def _optimizer(name: str) -> optax.GradientTransformation:
+  if name == 'path-sgd-refresh10':
+    return optax_path.path_sgd(LEARNING_RATE, refresh_every=10)
+  return METHODS[name].factory(LEARNING_RATE, {})
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -202,20 +216,22 @@ def setup(config: BenchConfig, dtype: Any) -> tuple[MLP, Any, tuple[jax.Array, j
 def build_runs(
   model: MLP, params: Any, batch: tuple[jax.Array, jax.Array]
 ) -> tuple[dict[str, Callable[[], None]], dict[str, float]]:
-  """Compiles every method's step and the scales alone.
+  """Compiles every method's step and the transformation alone.
 
   Returns:
     ``(runs, compile_seconds)``, both by name (the methods, then :data:`SCALES`).
   """
   runs, seconds = {}, {}
   for name in BASELINES:
-    tx = METHODS[name].factory(LEARNING_RATE, {})
+    tx = _optimizer(name)
     own = jax.tree.map(jnp.copy, params)  # donated buffers must not be shared
     opt_state = tx.init(own)
     compiled, seconds[name] = compile_timed(make_step(model, tx), own, opt_state, *batch)
     runs[name] = Trainer(compiled, own, opt_state, batch)
-  scales, seconds[SCALES] = compile_timed(jax.jit(lambda q: optax_path.path_scales(q)), params)
-  runs[SCALES] = lambda: jax.block_until_ready(scales(params))
+  normalize = optax_path.path_normalize(2.0)
+  state = normalize.init(params)
+  scales, seconds[SCALES] = compile_timed(jax.jit(normalize.update), params, state, params)
+  runs[SCALES] = lambda: jax.block_until_ready(scales(params, state, params))
   return runs, seconds
 
 
@@ -244,7 +260,7 @@ def compare(
 
 
 def bench_config(config: BenchConfig, *, rounds: int, warmup: int, dtype: Any) -> dict:
-  """Times one configuration: every method's step, the scales alone, compile, memory."""
+  """Times one configuration: every step, the transformation alone, compile, memory."""
   model, params, batch = setup(config, dtype)
   runs, seconds = build_runs(model, params, batch)
   times = time_interleaved(runs, rounds=rounds, warmup=warmup)
@@ -330,7 +346,7 @@ def step_table(result: Mapping[str, Any]) -> list[str]:
 
 
 def scales_table(result: Mapping[str, Any]) -> list[str]:
-  """The table of the scales alone and the memory: a row per configuration."""
+  """The table of the transformation alone and the memory: a row per configuration."""
   rows = [
     [
       c['name'],
@@ -340,7 +356,7 @@ def scales_table(result: Mapping[str, Any]) -> list[str]:
     ]
     for c in result['configs']
   ]
-  header = ['config', 'scales alone (ms)', 'scales / sgd step', 'peak memory (MiB)']
+  header = ['config', 'path_normalize alone (ms)', 'its / sgd step', 'peak memory (MiB)']
   return _table(header, 'lrrr', rows)
 
 

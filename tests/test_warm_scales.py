@@ -1,0 +1,168 @@
+"""The warm-started passes of path_normalize, and refresh_every.
+
+The fast path must be taken where it should be (not only give right results through
+its fallback), so these tests look at the internal check as well as at the results.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_mlp
+
+import optax_path
+from optax_path._src import scales, warm_scales
+
+WIDTHS = [10, 32, 32, 5]
+
+
+def exact_log_gammas(params, p=2.0):
+  return scales.log_gammas(*scales.layer_arrays(params, None), p)
+
+
+def warm(params, state, p=2.0):
+  kernels, biases = scales.layer_arrays(params, None)
+  return warm_scales.warm_passes(kernels, biases, p, state.log_gamma_in, state.log_gamma_out)
+
+
+def float64_log_gammas(params):
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda w: jnp.asarray(np.asarray(w), jnp.float64), params)
+    log_in, log_out = exact_log_gammas(params64)
+    return [np.asarray(v) for v in log_in + log_out]
+
+
+def assert_logs_close(actual, expected, ulps):
+  """Logs equal to ``ulps`` float32 ulps of the largest one: the log domain's precision."""
+  largest = max(1.0, *(float(np.max(np.abs(e))) for e in expected))
+  atol = ulps * float(jnp.finfo(jnp.float32).eps) * largest
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=0, atol=atol)
+
+
+def float32_net(kind):
+  params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(0), WIDTHS, dtype=np.float32))
+  if kind == 'unbalance':
+    return optax_path.unbalance(jax.random.key(1), params, num_units=64)
+  if kind == 'factors_1e25':
+    for layer, unit, decades in [(0, 3, 25), (0, 7, 20), (1, 0, 25), (1, 11, 15)]:
+      params = optax_path.rescale(params, layer, unit, 10.0**decades)
+  return params
+
+
+@pytest.mark.parametrize('kind', ['balanced', 'unbalance', 'factors_1e25'])
+def test_warm_passes_are_taken_and_exact_along_float32_training(kind):
+  params = float32_net(kind)
+  spread = max(float(jnp.max(v) - jnp.min(v)) for v in exact_log_gammas(params)[0])
+  assert kind == 'balanced' or spread > 40  # gamma_in spans more than e^40 in one layer
+  tx = optax_path.path_sgd(0.05, momentum=0.9)
+  rng = np.random.default_rng(1)
+  inputs = jnp.asarray(rng.normal(size=(20, 16, WIDTHS[0])), jnp.float32)
+
+  def loss(q, x):
+    h = x
+    for l in range(len(WIDTHS) - 1):
+      h = h @ q[f'Dense_{l}']['kernel'] + q[f'Dense_{l}']['bias']
+      h = jax.nn.relu(h) if l < len(WIDTHS) - 2 else h
+    return jnp.mean(jax.nn.logsumexp(h, axis=-1) - h[:, 0])
+
+  @jax.jit
+  def step(params, state, x):
+    checked = warm(params, state[0])
+    updates, state = tx.update(jax.grad(loss)(params, x), state, params)
+    return optax.apply_updates(params, updates), state, checked
+
+  state = tx.init(params)
+  for x in inputs:
+    before = params
+    params, state, (log_in, log_out, accurate) = step(params, state, x)
+    assert bool(accurate)
+    assert_logs_close(log_in + log_out, float64_log_gammas(before), ulps=2)
+  assert all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('hint', ['unrelated', 'nan', 'zero_gamma'])
+def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
+  params = float32_net('unbalance')
+  if hint == 'unrelated':
+    hint_params = jax.tree.map(lambda w: w * 1e15, float32_net('balanced'))
+    state = optax_path.path_normalize().init(hint_params)
+  else:
+    state = optax_path.path_normalize().init(params)
+    value = jnp.nan if hint == 'nan' else -jnp.inf
+    state = state._replace(log_gamma_out=(state.log_gamma_out[0].at[3].set(value),) + tuple(
+      state.log_gamma_out[1:]
+    ))
+  assert not bool(warm(params, state)[2])
+  kernels, biases = scales.layer_arrays(params, None)
+  got = warm_scales.warm_log_gammas(kernels, biases, 2.0, state.log_gamma_in, state.log_gamma_out)
+  assert_logs_close(got[0] + got[1], float64_log_gammas(params), ulps=2)
+
+
+def test_dead_units_take_the_exact_passes_and_get_zero_updates(x64):
+  params = random_mlp(np.random.default_rng(2), [3, 4, 4, 2])
+  params['Dense_0']['kernel'][:, 1] = 0.0  # unit 1 of layer 0: gamma_in = 0
+  params['Dense_0']['bias'][1] = 0.0
+  params = jax.tree.map(jnp.asarray, params)
+  tx = optax_path.path_normalize()
+  state = tx.init(params)
+  assert not bool(warm(params, state)[2])  # a warm start of -inf is no warm start
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  expected = jax.tree.map(lambda s: jnp.where(s > 0, 1 / s, 0.0), optax_path.path_scales(params))
+  for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(u, e, rtol=1e-12)
+
+
+def test_refresh_every_divides_by_the_scales_of_the_last_refresh(x64):
+  rng = np.random.default_rng(3)
+  trajectory = [jax.tree.map(jnp.asarray, random_mlp(rng, [4, 6, 3])) for _ in range(7)]
+  grads = jax.tree.map(jnp.ones_like, trajectory[0])
+  tx = optax_path.path_normalize(2.0, refresh_every=3)
+  update = jax.jit(tx.update)
+  state = tx.init(trajectory[0])
+  for t, params in enumerate(trajectory):
+    updates, state = update(grads, state, params)
+    refreshed_at = trajectory[3 * (t // 3)]
+    expected = jax.tree.map(lambda s: 1 / s, optax_path.path_scales(refreshed_at))
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(u, e, rtol=1e-12)
+  assert int(state.count) == len(trajectory)
+  assert update._cache_size() == 1
+
+
+def test_injected_hyperparameters_give_the_same_updates():
+  params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(4), WIDTHS, dtype=np.float32))
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain = optax_path.path_normalize(2.0, refresh_every=2)
+  injected = optax.inject_hyperparams(optax_path.path_normalize)(p=2.0, refresh_every=2)
+  update = jax.jit(injected.update)
+  plain_state, state = plain.init(params), injected.init(params)
+  for scale in (1.0, 1.5, 2.0):
+    moved = jax.tree.map(lambda w: w * scale, params)
+    expected, plain_state = plain.update(grads, plain_state, moved)
+    updates, state = update(grads, state, moved)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(u, e, rtol=1e-6)
+  assert update._cache_size() == 1
+
+
+@pytest.mark.parametrize('refresh_every', [0, -2, 1.5, 'often', None])
+def test_refresh_every_must_be_a_positive_int(refresh_every):
+  with pytest.raises(ValueError, match='refresh_every must be an int >= 1'):
+    optax_path.path_normalize(refresh_every=refresh_every)
+
+
+def test_refresh_every_is_for_the_mlp_mode():
+  with pytest.raises(ValueError, match='general mode'):
+    optax_path.path_normalize(refresh_every=2, apply_fn=lambda q, x: x, input_shape=(3,))
+
+
+def test_a_state_from_other_layers_is_refused():
+  rng = np.random.default_rng(5)
+  params = jax.tree.map(jnp.asarray, random_mlp(rng, [4, 6, 3]))
+  other = jax.tree.map(jnp.asarray, random_mlp(rng, [4, 7, 3]))
+  tx = optax_path.path_normalize()
+  with pytest.raises(ValueError, match=r'widths \[4, 7, 3\].*widths \[4, 6, 3\]'):
+    tx.update(params, tx.init(other), params)
