@@ -5,9 +5,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from conftest import random_mlp, normalize_once
+from conftest import normalize_once, random_mlp
 
 import optax_path
 

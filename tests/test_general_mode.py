@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import normalize_once
 from flax import nnx
 
 import optax_path
-
-from conftest import normalize_once
 
 # ---------------------------------------------------------------------------------------
 # (a) Brute force: a conv net unrolled into explicit edges and paths, in float64.
@@ -403,7 +402,9 @@ def test_nnx_optimizer_in_the_general_mode():
 def test_jit_compiles_once_and_p_may_be_injected():
   params, apply_fn = linen_mlp()
   grads = jax.tree.map(jnp.ones_like, params)
-  expected = jax.jit(normalize_once, static_argnums=0)(optax_path.path_normalize(2.0), grads, params)
+  expected = jax.jit(normalize_once, static_argnums=0)(
+    optax_path.path_normalize(2.0), grads, params
+  )
   tx = optax.inject_hyperparams(optax_path.path_normalize, static_args=('apply_fn', 'input_shape'))(
     p=2.0, apply_fn=apply_fn, input_shape=(4,)
   )

@@ -106,6 +106,25 @@ def test_path_sgd_keeps_rescaled_nets_equivalent(problem, rescaled_1e3, momentum
   assert output_gap(trained, trained_rescaled, held_out) < 1e-3
 
 
+@pytest.mark.parametrize('start', ['rescaled_1e3', 'unbalance'])
+def test_stale_scales_keep_path_sgd_invariant(problem, rescaled_1e3, start):
+  """refresh_every=5: each update divides by the scales of an equivalent earlier net."""
+  params, inputs, labels, held_out = problem
+  if start == 'rescaled_1e3':
+    other = rescaled_1e3
+  else:
+    other = optax_path.unbalance(jax.random.key(3), params, num_units=64)
+  tx = optax_path.path_sgd(0.05, momentum=0.9, refresh_every=5)
+  trained = jax.jit(train, static_argnums=0)(tx, params, inputs, labels)
+  trained_other = jax.jit(train, static_argnums=0)(tx, other, inputs, labels)
+  assert output_gap(params, trained, held_out) > 0.1
+  assert output_gap(trained, trained_other, held_out) < 1e-3
+  exact = jax.jit(train, static_argnums=0)(
+    optax_path.path_sgd(0.05, momentum=0.9), params, inputs, labels
+  )
+  assert output_gap(trained, exact, held_out) > 1e-4  # stale scales are another method
+
+
 def test_sgd_does_not_keep_rescaled_nets_equivalent(problem, rescaled_1e3):
   params, inputs, labels, held_out = problem
   tx = optax.sgd(1e-4)  # small enough that the rescaled net does not blow up

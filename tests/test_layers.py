@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import normalize_once
 from flax import nnx
 
 import optax_path
-
-from conftest import normalize_once
 
 
 def chain_params(widths, names=None, bias=True):

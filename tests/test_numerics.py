@@ -6,13 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from conftest import normalize_once
 from scipy.special import logsumexp
 
 import optax_path
-
-from conftest import normalize_once
 
 F32 = np.finfo(np.float32)
 

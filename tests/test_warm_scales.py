@@ -91,9 +91,9 @@ def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
   else:
     state = optax_path.path_normalize().init(params)
     value = jnp.nan if hint == 'nan' else -jnp.inf
-    state = state._replace(log_gamma_out=(state.log_gamma_out[0].at[3].set(value),) + tuple(
-      state.log_gamma_out[1:]
-    ))
+    state = state._replace(
+      log_gamma_out=(state.log_gamma_out[0].at[3].set(value),) + tuple(state.log_gamma_out[1:])
+    )
   assert not bool(warm(params, state)[2])
   kernels, biases = scales.layer_arrays(params, None)
   got = warm_scales.warm_log_gammas(kernels, biases, 2.0, state.log_gamma_in, state.log_gamma_out)
@@ -140,7 +140,7 @@ def test_injected_hyperparameters_give_the_same_updates():
   update = jax.jit(injected.update)
   plain_state, state = plain.init(params), injected.init(params)
   for scale in (1.0, 1.5, 2.0):
-    moved = jax.tree.map(lambda w: w * scale, params)
+    moved = jax.tree.map(lambda w, s=scale: w * s, params)
     expected, plain_state = plain.update(grads, plain_state, moved)
     updates, state = update(grads, state, moved)
     for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):

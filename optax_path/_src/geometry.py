@@ -12,9 +12,16 @@ from optax_path._src.transform import LayerSpecs
 
 
 class PathGeometryState(NamedTuple):
-  """State of ``path_geometry``: the wrapped optimizer's state."""
+  """State of ``path_geometry``.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    scales: the path scales per unit that warm-start the next update
+      (``PathNormalizeState``; ``optax.EmptyState`` in the general mode).
+  """
 
   inner_state: optax.OptState
+  scales: optax.OptState
 
 
 def path_geometry(
@@ -50,8 +57,9 @@ def path_geometry(
   weights and would break the invariance; add ``path_norm(params) ** p`` to the loss
   instead, which is invariant.
 
-  The scales are computed once per step from ``params``, in the log domain as in
-  ``path_normalize``, and both divisions are formed without forming the scales.
+  The scales are computed once per step from ``params`` as in ``path_normalize``
+  (warm-started from the state, in the log domain), and both divisions are formed
+  without forming the scales.
 
   Args:
     inner: any ``optax.GradientTransformation`` that does not read ``params``.
@@ -79,7 +87,14 @@ def path_geometry(
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):
-    return PathGeometryState(inner.init(params))
+    scales = optax.EmptyState() if apply_fn else transform.init_gammas(params, p, layers)
+    return PathGeometryState(inner.init(params), scales)
+
+  def log_scale_leaves(params, scales):
+    if apply_fn is not None:
+      return scales_lib.log_scale_leaves(params, p, **mode)[2], scales
+    gammas, scales = transform.refresh_gammas(params, p, layers, scales, refresh_every=1)
+    return scales_lib.log_scale_leaves(params, p, layers=layers, gammas=gammas)[2], scales
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -88,11 +103,12 @@ def path_geometry(
         'scales: call update(updates, state, params).'
       )
     transform.check_same_structure(updates, params)
-    _, _, log_scales = scales_lib.log_scale_leaves(params, p, **mode)
+    log_scales, scales = log_scale_leaves(params, state.scales)
     log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
     whitened = transform.divide_by_scales(updates, log_sqrt_scales)
     step, inner_state = inner.update(whitened, state.inner_state, None)
-    return transform.divide_by_scales(step, log_sqrt_scales), PathGeometryState(inner_state)
+    step = transform.divide_by_scales(step, log_sqrt_scales)
+    return step, PathGeometryState(inner_state, scales)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -95,10 +95,13 @@ def layer_log_scales(log_in, log_out, biases, p) -> tuple[list[LogScale], list[L
   return kernel_scales, bias_scales
 
 
+def _formed(log_scale: LogScale | None) -> jax.Array | None:
+  return None if log_scale is None else jnp.exp(sum(log_scale))
+
+
 def _formed_scales(kernels, biases, p):
   kernel_scales, bias_scales = layer_log_scales(*log_gammas(kernels, biases, p), biases, p)
-  form = lambda terms: None if terms is None else jnp.exp(sum(terms))  # noqa: E731
-  return [form(t) for t in kernel_scales], [form(t) for t in bias_scales]
+  return [_formed(t) for t in kernel_scales], [_formed(t) for t in bias_scales]
 
 
 def _log_path_norm_of_layers(kernels, biases, p) -> jax.Array:

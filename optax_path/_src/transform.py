@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
-from optax_path._src import numerics
+from optax_path._src import numerics, warm_scales
 from optax_path._src import scales as scales_lib
-from optax_path._src import warm_scales
 
 LayerSpecs = Sequence[layers_lib.LayerSpec] | None
 

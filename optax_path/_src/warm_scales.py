@@ -137,6 +137,7 @@ def warm_log_gammas(
     accurate, lambda: (log_in, log_out), lambda: scales_lib.log_gammas(kernels, biases, p)
   )
 
+
 def _check_hints(kernels, hint_in, hint_out) -> None:
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]
   hinted = [h.shape[0] for h in hint_in], [h.shape[0] for h in hint_out]

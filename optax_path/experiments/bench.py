@@ -7,8 +7,9 @@ backward, the optimizer's transformation and ``apply_updates``, all in one
 ``jax.jit(step, donate_argnums=(0, 1))``, as a good training loop would run it (the params
 and the optimizer state are donated, so each step updates them in place). The methods are
 ``sgd``, ``path-sgd``, ``adagrad`` and ``path-adagrad`` (step size 0.01), and ``path-sgd``
-refreshing its scales every 10 steps (``path-sgd-refresh10``), each with its own params
-and state; plus the transformation alone (``path_normalize(2.0).update``: the warm-started
+refreshing its scales every 10 steps (``path-sgd-refresh10``), and the floor
+(``naive-path-sgd``: plain float32 arithmetic, one fused reduction per pass, not robust;
+see :func:`naive_path_normalize`), each with its own params and state; plus the transformation alone (``path_normalize(2.0).update``: the warm-started
 scales and the division, as in the ``path-sgd`` step).
 
 How it is timed:
@@ -60,15 +61,50 @@ BASELINES = {
   'adagrad': 'adagrad',
   'path-adagrad': 'adagrad',
   'path-sgd-refresh10': 'sgd',
+  'naive-path-sgd': 'sgd',
 }
 #: Name of the transformation alone (scales and division) in the timings.
 SCALES = 'scales'
 
 
+def naive_path_normalize() -> optax.GradientTransformation:
+  """The floor: Algorithm 1 for p = 2 in plain float arithmetic, one fused reduction per
+  pass and ``g / (gamma_in[u] gamma_out[v])``. Fast, and wrong (inf, NaN) wherever
+  the scales leave the float range, as on the paper's unbalanced nets: a reference for
+  the benchmark only. Expects ``Dense_0``, ``Dense_1``, ... with biases.
+  """
+
+  def update_fn(updates, state, params):
+    names = [f'Dense_{l}' for l in range(len(params))]
+    gamma_in = [jnp.ones(params[names[0]]['kernel'].shape[0])]
+    for n in names:
+      w, b = params[n]['kernel'], params[n]['bias']
+      gamma_in.append(jnp.sum(jnp.square(jnp.sqrt(gamma_in[-1])[:, None] * w), 0) + b * b)
+    gamma_out = [jnp.ones(params[names[-1]]['kernel'].shape[1])]
+    for n in reversed(names):
+      w = params[n]['kernel']
+      gamma_out.append(jnp.sum(jnp.square(w * jnp.sqrt(gamma_out[-1])[None, :]), 1))
+    gamma_out = gamma_out[::-1]
+    normalized = {
+      n: {
+        'kernel': updates[n]['kernel'] / gamma_in[l][:, None] / gamma_out[l + 1][None, :],
+        'bias': updates[n]['bias'] / gamma_out[l + 1],
+      }
+      for l, n in enumerate(names)
+    }
+    return normalized, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def _optimizer(name: str) -> optax.GradientTransformation:
   if name == 'path-sgd-refresh10':
     return optax_path.path_sgd(LEARNING_RATE, refresh_every=10)
+  if name == 'naive-path-sgd':
+    return optax.chain(naive_path_normalize(), optax.sgd(LEARNING_RATE))
   return METHODS[name].factory(LEARNING_RATE, {})
+
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
