@@ -73,8 +73,8 @@ def centers(log_hints: Sequence[jax.Array], p: float) -> tuple[jax.Array, jax.Ar
   return jnp.where(fits, (highest + lowest) / 2, 0.0), fits
 
 
-def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int):
-  """``log(sum_axis x |w|^p + |b|^p)`` in one fused read of ``w``, and its check.
+def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.Array:
+  """``log(sum_axis x |w|^p + |b|^p)`` in one fused read of ``w``.
 
   Args:
     log_x: logs of the non-negative vector along ``axis`` of ``w`` (``-inf`` for 0),
@@ -87,37 +87,35 @@ def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int):
     axis: the axis of ``w`` summed over: 0 for the forward pass, 1 for the backward.
 
   Returns:
-    ``(log_sum, near)``: ``log_sum`` is right where every ``near`` holds, and the
-    centre's window fits.
+    The logs of the sums: right where they lie within ``2^20`` of ``log_hint`` and the
+    centre's window fits (``warm_passes`` checks both).
   """
   alpha = jnp.exp(log_x / p - center)  # 0 where x is 0
   sigma = jnp.exp(center - log_hint / p)
   alpha, sigma = (alpha[:, None], sigma[None, :]) if axis == 0 else (alpha[None, :], sigma[:, None])
   total = jnp.sum(numerics.abs_pow(alpha * w * sigma, p), axis=axis)
-  log_sum = jnp.log(total) + log_hint
-  if b is not None:
-    log_sum = jnp.logaddexp(log_sum, p * jnp.log(jnp.abs(b)))
-  near = jnp.abs(log_sum - log_hint) <= DEVIATION_BITS * numerics.LN2  # false for NaN
-  return log_sum, near
+  if b is not None:  # |b|^p relative to the warm start; inf where far above it (checked)
+    total = total + jnp.exp(p * jnp.log(jnp.abs(b)) - log_hint)
+  return jnp.log(total) + log_hint
 
 
 def warm_passes(kernels, biases, p: float, hint_in, hint_out):
   """``(log gamma_in, log gamma_out, accurate)`` by the warm-started passes alone."""
   center_in, fits_in = centers(hint_in, p)
   center_out, fits_out = centers(hint_out, p)
-  near = []
   log_in = [jnp.zeros(kernels[0].shape[0], kernels[0].dtype)]
   for l, (w, b) in enumerate(zip(kernels, biases)):
-    log_sum, ok = warm_log_matvec(log_in[-1], w, b, p, center_in[l], hint_in[l + 1], axis=0)
-    log_in.append(log_sum)
-    near.append(ok)
+    log_in.append(warm_log_matvec(log_in[-1], w, b, p, center_in[l], hint_in[l + 1], axis=0))
   log_out = [jnp.zeros(kernels[-1].shape[1], kernels[-1].dtype)]
   for l in reversed(range(len(kernels))):
-    log_sum, ok = warm_log_matvec(log_out[-1], kernels[l], None, p, center_out[l], hint_out[l], 1)
-    log_out.append(log_sum)
-    near.append(ok)
-  accurate = jnp.all(fits_in) & jnp.all(fits_out) & jnp.all(jnp.concatenate(near))
-  return log_in, log_out[::-1], accurate
+    y = log_out[-1]
+    log_out.append(warm_log_matvec(y, kernels[l], None, p, center_out[l], hint_out[l], axis=1))
+  log_out = log_out[::-1]
+  sums = jnp.concatenate(log_in[1:] + log_out[:-1])
+  hints = jnp.concatenate(list(hint_in[1:]) + list(hint_out[:-1]))
+  near = jnp.abs(sums - hints) <= DEVIATION_BITS * numerics.LN2  # false for NaN
+  accurate = jnp.all(fits_in) & jnp.all(fits_out) & jnp.all(near)
+  return log_in, log_out, accurate
 
 
 def warm_log_gammas(
