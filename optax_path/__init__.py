@@ -6,8 +6,9 @@
 
 from optax_path._src.geometry import PathGeometryState, path_adam, path_geometry
 from optax_path._src.rescaling import rebalance, rescale, unbalance
+from optax_path._src.scale_state import PathNormalizeState
 from optax_path._src.scales import log_path_norm, path_norm, path_scales
-from optax_path._src.transform import PathNormalizeState, path_adagrad, path_normalize, path_sgd
+from optax_path._src.transform import path_adagrad, path_normalize, path_sgd
 
 __version__ = '0.1.0'
 

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import optax
 
-from optax_path._src import numerics, transform
+from optax_path._src import numerics, scale_state, transform
 from optax_path._src import scales as scales_lib
 from optax_path._src.transform import LayerSpecs
 
@@ -87,13 +87,13 @@ def path_geometry(
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):
-    scales = optax.EmptyState() if apply_fn else transform.init_gammas(params, p, layers)
+    scales = optax.EmptyState() if apply_fn else scale_state.init_state(params, p, layers)
     return PathGeometryState(inner.init(params), scales)
 
   def log_scale_leaves(params, scales):
     if apply_fn is not None:
       return scales_lib.log_scale_leaves(params, p, **mode)[2], scales
-    gammas, scales = transform.refresh_gammas(params, p, layers, scales, refresh_every=1)
+    gammas, scales = scale_state.refresh(params, p, layers, scales, refresh_every=1)
     return scales_lib.log_scale_leaves(params, p, layers=layers, gammas=gammas)[2], scales
 
   def update_fn(updates, state, params=None):

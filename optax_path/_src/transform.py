@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
-from optax_path._src import numerics, warm_scales
+from optax_path._src import numerics, scale_state
 from optax_path._src import scales as scales_lib
 
 LayerSpecs = Sequence[layers_lib.LayerSpec] | None
@@ -31,21 +30,6 @@ def check_same_structure(updates: Any, params: Any) -> None:
     )
 
 
-class PathNormalizeState(NamedTuple):
-  """State of ``path_normalize`` (MLP mode): the path scales, per unit.
-
-  Attributes:
-    count: updates so far (int32).
-    log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
-      of its units (Algorithm 1), as of the last refresh.
-    log_gamma_out: the same for ``log gamma_out``.
-  """
-
-  count: jax.Array
-  log_gamma_in: tuple[jax.Array, ...]
-  log_gamma_out: tuple[jax.Array, ...]
-
-
 def divide_by_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> Any:
   """Divides leaf ``i`` of ``tree`` by ``exp(sum(log_scales[i]))``, never forming it."""
   named_leaves, treedef = layers_lib.flatten_with_names(tree)
@@ -54,54 +38,6 @@ def divide_by_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> A
     for i, (_, leaf) in enumerate(named_leaves)
   ]
   return jax.tree_util.tree_unflatten(treedef, divided)
-
-
-def _check_refresh_every(refresh_every: Any, apply_fn) -> int | jax.Array:
-  """``refresh_every`` as an int when concrete (an injected one may be traced)."""
-  try:
-    value = int(refresh_every)
-  except jax.errors.ConcretizationTypeError:
-    return refresh_every
-  except (TypeError, ValueError):
-    value = None
-  if value is None or value != refresh_every or value < 1:
-    raise ValueError(f'refresh_every must be an int >= 1, got {refresh_every!r}.')
-  if value > 1 and apply_fn is not None:
-    raise ValueError(
-      'refresh_every > 1 keeps the scales of the MLP mode (per unit) in the state; the '
-      'general mode (apply_fn=) computes them per parameter on every update.'
-    )
-  return value
-
-
-def init_gammas(params: Any, p, layers) -> PathNormalizeState:
-  """The state of the MLP mode: the scales of ``params``, by the exact passes."""
-  log_in, log_out = scales_lib.exact_log_gammas(*scales_lib.layer_arrays(params, layers), p=p)
-  return PathNormalizeState(jnp.zeros([], jnp.int32), tuple(log_in), tuple(log_out))
-
-
-def refresh_gammas(params: Any, p, layers, state: PathNormalizeState, refresh_every):
-  """The scales of ``params``, warm-started from ``state``, or those of ``state`` while
-  it is fresh (fewer than ``refresh_every`` updates old); and the next state."""
-  kernels, biases = scales_lib.layer_arrays(params, layers)
-
-  def refreshed():
-    log_in, log_out = _refreshed_log_gammas(
-      kernels, biases, state.log_gamma_in, state.log_gamma_out, p=p
-    )
-    return tuple(log_in), tuple(log_out)
-
-  def kept():
-    return state.log_gamma_in, state.log_gamma_out
-
-  if isinstance(refresh_every, int) and refresh_every == 1:
-    gammas = refreshed()
-  else:
-    gammas = jax.lax.cond(state.count % refresh_every == 0, refreshed, kept)
-  return gammas, PathNormalizeState(optax.safe_int32_increment(state.count), *gammas)
-
-
-_refreshed_log_gammas = scales_lib.compiled_for_concrete_p(warm_scales.refreshed_log_gammas)
 
 
 def normalize_updates(updates: Any, params: Any, p, gammas=None, **mode) -> Any:
@@ -194,18 +130,18 @@ def path_normalize(
   """
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
-  refresh_every = _check_refresh_every(refresh_every, apply_fn)
+  refresh_every = scale_state.check_refresh_every(refresh_every, apply_fn)
   if apply_fn is not None:
     return _general_path_normalize(p, apply_fn, input_shape)
 
   def init_fn(params):
-    return init_gammas(params, p, layers)
+    return scale_state.init_state(params, p, layers)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     check_same_structure(updates, params)
-    gammas, state = refresh_gammas(params, p, layers, state, refresh_every)
+    gammas, state = scale_state.refresh(params, p, layers, state, refresh_every)
     return normalize_updates(updates, params, p, gammas, layers=layers), state
 
   return optax.GradientTransformation(init_fn, update_fn)

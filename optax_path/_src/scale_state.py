@@ -1,0 +1,83 @@
+"""The state of ``path_normalize``: the path scales per unit, and when to refresh them.
+
+Per unit, not per parameter: ``log gamma_in`` and ``log gamma_out`` of every layer
+boundary, a few vectors. They warm-start the next update's passes (``warm_scales``) and,
+with ``refresh_every > 1``, stand in for the scales between refreshes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_path._src import scales as scales_lib
+from optax_path._src import warm_scales
+
+
+class PathNormalizeState(NamedTuple):
+  """State of ``path_normalize`` (MLP mode): the path scales, per unit.
+
+  Attributes:
+    count: updates so far (int32).
+    log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
+      of its units (Algorithm 1), as of the last refresh.
+    log_gamma_out: the same for ``log gamma_out``.
+  """
+
+  count: jax.Array
+  log_gamma_in: tuple[jax.Array, ...]
+  log_gamma_out: tuple[jax.Array, ...]
+
+
+def check_refresh_every(refresh_every: Any, apply_fn) -> int | jax.Array:
+  """``refresh_every`` as an int when concrete (an injected one may be traced)."""
+  try:
+    value = int(refresh_every)
+  except jax.errors.ConcretizationTypeError:
+    return refresh_every
+  except (TypeError, ValueError):
+    value = None
+  if value is None or value != refresh_every or value < 1:
+    raise ValueError(f'refresh_every must be an int >= 1, got {refresh_every!r}.')
+  if value > 1 and apply_fn is not None:
+    raise ValueError(
+      'refresh_every > 1 keeps the scales of the MLP mode (per unit) in the state; the '
+      'general mode (apply_fn=) computes them per parameter on every update.'
+    )
+  return value
+
+
+def init_state(params: Any, p, layers) -> PathNormalizeState:
+  """The state for ``params``: their scales, by the exact passes."""
+  log_in, log_out = scales_lib.exact_log_gammas(*scales_lib.layer_arrays(params, layers), p=p)
+  return PathNormalizeState(jnp.zeros([], jnp.int32), tuple(log_in), tuple(log_out))
+
+
+def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
+  """``((log gamma_in, log gamma_out), next state)`` for an update at ``params``.
+
+  The scales of ``params``, warm-started from ``state``; or, between refreshes (every
+  ``refresh_every`` updates), the scales that ``state`` holds.
+  """
+  kernels, biases = scales_lib.layer_arrays(params, layers)
+
+  def refreshed():
+    log_in, log_out = _refreshed_log_gammas(
+      kernels, biases, state.log_gamma_in, state.log_gamma_out, p=p
+    )
+    return tuple(log_in), tuple(log_out)
+
+  def kept():
+    return state.log_gamma_in, state.log_gamma_out
+
+  if isinstance(refresh_every, int) and refresh_every == 1:
+    gammas = refreshed()
+  else:
+    gammas = jax.lax.cond(state.count % refresh_every == 0, refreshed, kept)
+  return gammas, PathNormalizeState(optax.safe_int32_increment(state.count), *gammas)
+
+
+_refreshed_log_gammas = scales_lib.compiled_for_concrete_p(warm_scales.refreshed_log_gammas)
