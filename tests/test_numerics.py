@@ -178,3 +178,26 @@ def test_unbalanced_paper_init_scales_match_float64(p, x64):
     ok = (ref > np.log(F32.tiny) + 1) & (ref < np.log(F32.max) - 1)
     assert ok.mean() > 0.5
     np.testing.assert_allclose(actual[ok], np.exp(ref[ok]), rtol=1e-4)
+
+
+def test_division_is_right_wherever_the_quotient_is_representable():
+  """g / exp(row + col) in float32 against float64, over the whole exponent range."""
+  from optax_path._src.numerics import divide_by_scale
+
+  rng = np.random.default_rng(11)
+  g = (rng.choice([-1, 1], (64, 48)) * 10.0 ** rng.uniform(-37, 38, (64, 48))).astype(np.float32)
+  row = rng.uniform(-250, 250, (64, 1)).astype(np.float32)  # scales from e^-500 to e^500
+  col = rng.uniform(-250, 250, (1, 48)).astype(np.float32)
+  row[0, 0], col[0, 1] = -np.inf, -np.inf  # zero scales
+  quotient = np.asarray(divide_by_scale(jnp.asarray(g), jnp.asarray(row), jnp.asarray(col)))
+  with np.errstate(over='ignore', under='ignore'):
+    exact = g.astype(np.float64) * np.exp(-(row.astype(np.float64) + col.astype(np.float64)))
+  zero = np.isinf(row) | np.isinf(col)
+  normal = ~zero & (np.abs(exact) >= F32.tiny) & (np.abs(exact) <= F32.max)
+  assert normal.sum() > 300 and (~zero & (np.abs(exact) > F32.max)).sum() > 300
+  np.testing.assert_allclose(quotient[normal], exact[normal], rtol=1e-6)
+  beyond = ~zero & (np.abs(exact) > F32.max)
+  np.testing.assert_array_equal(quotient[beyond], np.sign(g[beyond]) * F32.max)
+  below = ~zero & (np.abs(exact) < F32.tiny)
+  np.testing.assert_allclose(quotient[below], exact[below], rtol=0, atol=F32.tiny)  # or flushed
+  assert np.all(quotient[zero] == 0)

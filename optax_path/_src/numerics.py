@@ -157,7 +157,7 @@ def split_exp(log_x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
-  """``update / exp(sum(log_scale))``, right wherever the quotient is representable.
+  """``update / exp(sum(log_scale))``, right wherever the quotient is a normal number.
 
   ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
   column vector, so that the scales of a layer are never formed). Each term is split
@@ -166,8 +166,10 @@ def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   operations and no transcendental function, which fuses into the optimizer's update.
 
   A zero scale (a term ``-inf``) gives 0, a quotient beyond the range of the update's
-  dtype gives its largest finite value (with the sign of ``update``), and non-finite
-  entries of ``update`` pass through unchanged. The result has ``update``'s dtype.
+  dtype gives its largest finite value (with the sign of ``update``), one below the
+  normal range is within the smallest normal number of it (0 where the backend flushes
+  subnormals), and non-finite entries of ``update`` pass through unchanged. The result
+  has ``update``'s dtype.
   """
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
@@ -179,9 +181,10 @@ def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   low, high = int(info.minexp), int(info.maxexp) - 1
   # Two exact powers of two, both of the sign of ``power``: the running product moves
   # monotonically from g * mantissa to the quotient, so it leaves the float range
-  # only where the quotient does.
+  # only where the quotient does. Below 2^(2 low) the second one is 0 (the exponent
+  # field 0): the quotient is then below 2^-124, and it underflows to 0.
   first = jnp.minimum(jnp.maximum(power, low), high)
-  second = jnp.minimum(jnp.maximum(power - first, low), high)
+  second = jnp.minimum(jnp.maximum(power - first, low - 1), high)
   quotient = g * mantissa * _pow2(first, dtype) * _pow2(second, dtype)
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
   quotient = jnp.minimum(jnp.maximum(quotient, -largest), largest)
