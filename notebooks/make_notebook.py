@@ -155,7 +155,9 @@ for key, history in results.items():
 
 `path_normalize` is an ordinary Optax gradient transformation. It needs `params` in `update`,
 finds the dense layers of a Flax MLP by itself (`Dense_0`, `Dense_1`, ... or your own names;
-pass `layers=[...]` to give the order), and chains with any optimizer."""),
+pass `layers=[...]` to give the order), and chains with any optimizer. Its state keeps the path
+scales per unit: each `update` warm-starts from the previous ones, which keeps a step within
+about 15% of a plain SGD step on a CPU (see the README's Performance section)."""),
   new_code_cell("""tx = optax.chain(optax_path.path_normalize(p=2.0), optax.sgd(0.1, momentum=0.9))
 opt_state = tx.init(balanced)
 
