@@ -93,8 +93,7 @@ def path_geometry(
   def log_scale_leaves(params, scales):
     if apply_fn is not None:
       return scales_lib.log_scale_leaves(params, p, **mode)[2], scales
-    gammas, scales = scale_state.refresh(params, p, layers, scales, refresh_every=1)
-    return scales_lib.log_scale_leaves(params, p, layers=layers, gammas=gammas)[2], scales
+    return scale_state.refreshed_log_scales(params, p, layers, scales, refresh_every=1)
 
   def update_fn(updates, state, params=None):
     if params is None:

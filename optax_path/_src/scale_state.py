@@ -81,3 +81,9 @@ def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
 
 
 _refreshed_log_gammas = scales_lib.compiled_for_concrete_p(warm_scales.refreshed_log_gammas)
+
+
+def refreshed_log_scales(params: Any, p, layers, state: PathNormalizeState, refresh_every):
+  """``(log scales by leaf, next state)`` for an update at ``params`` (see ``refresh``)."""
+  gammas, state = refresh(params, p, layers, state, refresh_every)
+  return scales_lib.log_scale_leaves(params, p, layers=layers, gammas=gammas)[2], state

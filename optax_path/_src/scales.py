@@ -154,9 +154,9 @@ def log_scale_leaves(
     leaves, treedef, log_scales = general.log_scale_leaves(params, p, apply_fn, input_shape)
     return leaves, treedef, {i: (log_scale,) for i, log_scale in log_scales.items()}
   chain, leaves, treedef = chain_and_leaves(params, layers)
+  kernels, biases = _layer_arrays(leaves, chain)
   if gammas is None:
-    gammas = exact_log_gammas(*_layer_arrays(leaves, chain), p=p)
-  biases = _layer_arrays(leaves, chain)[1]
+    gammas = exact_log_gammas(kernels, biases, p=p)
   return leaves, treedef, _by_leaf(chain, *layer_log_scales(*gammas, biases, p))
 
 

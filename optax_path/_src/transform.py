@@ -40,14 +40,13 @@ def divide_by_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> A
   return jax.tree_util.tree_unflatten(treedef, divided)
 
 
-def normalize_updates(updates: Any, params: Any, p, gammas=None, **mode) -> Any:
+def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
   """``updates / path_scales(params)``, computed in the log domain (eq. 8).
 
-  ``mode``: ``layers`` (MLP mode) or ``apply_fn`` and ``input_shape`` (general mode);
-  ``gammas``: MLP mode, the layers' ``(log gamma_in, log gamma_out)`` when known.
+  ``mode``: ``layers`` (MLP mode) or ``apply_fn`` and ``input_shape`` (general mode).
   """
   check_same_structure(updates, params)
-  _, _, log_scales = scales_lib.log_scale_leaves(params, p, gammas=gammas, **mode)
+  _, _, log_scales = scales_lib.log_scale_leaves(params, p, **mode)
   return divide_by_scales(updates, log_scales)
 
 
@@ -141,8 +140,8 @@ def path_normalize(
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     check_same_structure(updates, params)
-    gammas, state = scale_state.refresh(params, p, layers, state, refresh_every)
-    return normalize_updates(updates, params, p, gammas, layers=layers), state
+    log_scales, state = scale_state.refreshed_log_scales(params, p, layers, state, refresh_every)
+    return divide_by_scales(updates, log_scales), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
