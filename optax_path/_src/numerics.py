@@ -156,14 +156,27 @@ def split_exp(log_x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return _where(finite, mantissa, 0), k.astype(jnp.int32)
 
 
+def computed_once(k: jax.Array) -> jax.Array:
+  """The integer array ``k`` itself (``|k| < 2^29``), computed once, not per consumer element.
+
+  XLA fuses cheap elementwise producers into their consumers: the few operations that
+  split a unit's log scale would run again for every parameter of the unit's row or
+  column. An integer division is not cheap to XLA, so it is never duplicated, and
+  everything before it is computed once, per unit. (``lax.optimization_barrier`` would
+  say this better, but XLA:CPU drops it before fusion.)
+  """
+  return jax.lax.div(k * 3, jnp.asarray(3, k.dtype))
+
+
 def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   """``update / exp(sum(log_scale))``, right wherever the quotient is a normal number.
 
   ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
   column vector, so that the scales of a layer are never formed). Each term is split
-  into a mantissa and an exponent of two (per unit, not per parameter); per parameter
-  it costs two products by mantissas and two by exact powers of two, a few integer
-  operations and no transcendental function, which fuses into the optimizer's update.
+  into a mantissa and an exponent of two once, per unit; per parameter it then costs
+  products by the mantissas and by two exact powers of two built from the summed
+  exponents with a few integer operations, and no transcendental function, which fuses
+  into the optimizer's update.
 
   A zero scale (a term ``-inf``) gives 0, a quotient beyond the range of the update's
   dtype gives its largest finite value (with the sign of ``update``), one below the
@@ -173,19 +186,26 @@ def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   """
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
-  mantissa, power = jnp.ones((), dtype), jnp.zeros((), jnp.int32)
-  for term in log_scale:
-    term_mantissa, term_power = split_exp(-term.astype(dtype))
-    mantissa, power = mantissa * term_mantissa, power + term_power
   info = jnp.finfo(dtype)
-  low, high = int(info.minexp), int(info.maxexp) - 1
-  # Two exact powers of two, both of the sign of ``power``: the running product moves
-  # monotonically from g * mantissa to the quotient, so it leaves the float range
-  # only where the quotient does. Below 2^(2 low) the second one is 0 (the exponent
-  # field 0): the quotient is then below 2^-124, and it underflows to 0.
-  first = jnp.minimum(jnp.maximum(power, low), high)
-  second = jnp.minimum(jnp.maximum(power - first, low - 1), high)
-  quotient = g * mantissa * _pow2(first, dtype) * _pow2(second, dtype)
+  bias = int(info.maxexp) - 1
+  int_dtype = jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
+  parts = [split_exp(-term.astype(dtype)) for term in log_scale]
+  # The bias of both powers of two below, carried by the first term's exponents.
+  parts[0] = (parts[0][0], parts[0][1] + 2 * bias)
+  parts = [(term_mantissa, computed_once(term_power)) for term_mantissa, term_power in parts]
+  mantissa, biased = parts[0]
+  for term_mantissa, term_power in parts[1:]:
+    mantissa, biased = mantissa * term_mantissa, biased + term_power
+  # The exponent ``k`` of the quotient, clipped to [2 low - 1, 2 high], as two exact
+  # powers of two 2^floor(k/2) and 2^ceil(k/2), both of the sign of ``k``: the running
+  # product moves monotonically from g * mantissa to the quotient, so it leaves the
+  # float range only where the quotient does. At the lower clip 2^floor(k/2) is 0 (the
+  # exponent field 0): the quotient is then below 2^-124, and it underflows to 0.
+  biased = jnp.minimum(jnp.maximum(biased, 1), 4 * bias).astype(int_dtype)
+  half = biased >> 1
+  first = jax.lax.bitcast_convert_type(half << int(info.nmant), dtype)
+  second = jax.lax.bitcast_convert_type((biased - half) << int(info.nmant), dtype)
+  quotient = g * mantissa * first * second
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
   quotient = jnp.minimum(jnp.maximum(quotient, -largest), largest)
   return _where(jnp.isfinite(g), quotient, g).astype(update.dtype)
