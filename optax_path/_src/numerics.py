@@ -13,10 +13,12 @@ ulps of its logarithm wherever the true value lies, representable or not.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Exponent = float | jax.Array
 
@@ -168,15 +170,77 @@ def computed_once(k: jax.Array) -> jax.Array:
   return jax.lax.div(k * 3, jnp.asarray(3, k.dtype))
 
 
+class SplitScale(NamedTuple):
+  """``exp(-log_scale)`` of one log-scale term as ``mantissa * 2^power``.
+
+  The ``power`` of one term of each leaf (the *biased* one) also carries twice the
+  exponent bias of the dtype, so that summing the powers of a leaf's terms gives the
+  biased exponent of both powers of two of ``divide_by_split_scale`` directly.
+  """
+
+  mantissa: jax.Array
+  power: jax.Array
+
+
+def split_scales(
+  log_scales: Sequence[jax.Array], biased: Sequence[bool], dtype
+) -> list[SplitScale]:
+  """``exp(-t)`` of every term ``t`` as a ``SplitScale``, all in one computation.
+
+  The terms are flattened into one vector, so a deep net's few hundred per-unit
+  vectors cost a handful of operations rather than a few per vector.
+  """
+  if not log_scales:
+    return []
+  flat = -jnp.concatenate([t.astype(dtype).reshape(-1) for t in log_scales])
+  offsets = jnp.concatenate(
+    [
+      jnp.full(t.size, _two_biases(dtype) if b else 0, jnp.int32)
+      for t, b in zip(log_scales, biased)
+    ]
+  )
+  mantissa, power = split_exp(flat)
+  power = computed_once(power + offsets)  # per unit, not per parameter
+  ends = np.cumsum([t.size for t in log_scales])[:-1].tolist()
+  return [
+    SplitScale(m.reshape(t.shape), k.reshape(t.shape))
+    for t, m, k in zip(log_scales, jnp.split(mantissa, ends), jnp.split(power, ends))
+  ]
+
+
 def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   """``update / exp(sum(log_scale))``, right wherever the quotient is a normal number.
 
   ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
-  column vector, so that the scales of a layer are never formed). Each term is split
-  into a mantissa and an exponent of two once, per unit; per parameter it then costs
-  products by the mantissas and by two exact powers of two built from the summed
-  exponents with a few integer operations, and no transcendental function, which fuses
-  into the optimizer's update.
+  column vector, so that the scales of a layer are never formed); see
+  ``divide_by_split_scale``.
+  """
+  dtype = compute_dtype(update.dtype)
+  biased = [i == 0 for i in range(len(log_scale))]
+  if all(jnp.size(t) < update.size for t in log_scale):
+    return divide_by_split_scale(update, split_scales(log_scale, biased, dtype))
+  # Terms as large as the update: split per parameter, inside the division's fusion.
+  terms = [_split(t.astype(dtype), b) for t, b in zip(log_scale, biased)]
+  return divide_by_split_scale(update, terms)
+
+
+def _split(log_scale: jax.Array, biased: bool) -> SplitScale:
+  mantissa, power = split_exp(-log_scale)
+  return SplitScale(mantissa, power + (_two_biases(log_scale.dtype) if biased else 0))
+
+
+def _two_biases(dtype) -> int:
+  """Twice the exponent bias of ``dtype`` (127 for float32)."""
+  return 2 * (int(jnp.finfo(dtype).maxexp) - 1)
+
+
+def divide_by_split_scale(update: jax.Array, terms: Sequence[SplitScale]) -> jax.Array:
+  """``update`` divided by the scale whose terms (one of them biased) are ``terms``.
+
+  Each term is split into a mantissa and an exponent of two once, per unit
+  (``split_scales``); per parameter this costs products by the mantissas and by two
+  exact powers of two built from the summed exponents with a few integer operations,
+  and no transcendental function, which fuses into the optimizer's update.
 
   A zero scale (a term ``-inf``) gives 0, a quotient beyond the range of the update's
   dtype gives its largest finite value (with the sign of ``update``), one below the
@@ -189,13 +253,9 @@ def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
   info = jnp.finfo(dtype)
   bias = int(info.maxexp) - 1
   int_dtype = jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
-  parts = [split_exp(-term.astype(dtype)) for term in log_scale]
-  # The bias of both powers of two below, carried by the first term's exponents.
-  parts[0] = (parts[0][0], parts[0][1] + 2 * bias)
-  parts = [(term_mantissa, computed_once(term_power)) for term_mantissa, term_power in parts]
-  mantissa, biased = parts[0]
-  for term_mantissa, term_power in parts[1:]:
-    mantissa, biased = mantissa * term_mantissa, biased + term_power
+  mantissa, biased = terms[0]
+  for term in terms[1:]:
+    mantissa, biased = mantissa * term.mantissa, biased + term.power
   # The exponent ``k`` of the quotient, clipped to [2 low - 1, 2 high], as two exact
   # powers of two 2^floor(k/2) and 2^ceil(k/2), both of the sign of ``k``: the running
   # product moves monotonically from g * mantissa to the quotient, so it leaves the

@@ -54,7 +54,10 @@ def _window(dtype, p: float) -> float:
 def _ranges(vectors: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
   """The smallest and largest entry of each vector, in one reduction for them all."""
   width = max(v.shape[0] for v in vectors)
-  padded = jnp.stack([jnp.pad(v, (0, width - v.shape[0]), mode='edge') for v in vectors])
+  pieces = []  # each vector, padded with its first entry: one concatenation for all
+  for v in vectors:
+    pieces += [v, jnp.broadcast_to(v[:1], (width - v.shape[0],))]
+  padded = jnp.concatenate(pieces).reshape(len(vectors), width)
   return jnp.min(padded, axis=1), jnp.max(padded, axis=1)
 
 
