@@ -180,8 +180,13 @@ def test_unbalanced_paper_init_scales_match_float64(p, x64):
     np.testing.assert_allclose(actual[ok], np.exp(ref[ok]), rtol=1e-4)
 
 
-def test_division_is_right_wherever_the_quotient_is_representable():
-  """g / exp(row + col) in float32 against float64, over the whole exponent range."""
+@pytest.mark.parametrize('terms', ['per unit', 'per parameter'])
+def test_division_is_right_wherever_the_quotient_is_representable(terms):
+  """g / exp(row + col) in float32 against float64, over the whole exponent range.
+
+  Per unit: a row and a column vector (the MLP mode, split once per unit); per
+  parameter: one full-size term (the general mode, split inside the division).
+  """
   from optax_path._src.numerics import divide_by_scale
 
   rng = np.random.default_rng(11)
@@ -189,9 +194,10 @@ def test_division_is_right_wherever_the_quotient_is_representable():
   row = rng.uniform(-250, 250, (64, 1)).astype(np.float32)  # scales from e^-500 to e^500
   col = rng.uniform(-250, 250, (1, 48)).astype(np.float32)
   row[0, 0], col[0, 1] = -np.inf, -np.inf  # zero scales
-  quotient = np.asarray(divide_by_scale(jnp.asarray(g), jnp.asarray(row), jnp.asarray(col)))
+  log_scale = (row, col) if terms == 'per unit' else (row + col,)
+  quotient = np.asarray(divide_by_scale(jnp.asarray(g), *map(jnp.asarray, log_scale)))
   with np.errstate(over='ignore', under='ignore'):
-    exact = g.astype(np.float64) * np.exp(-(row.astype(np.float64) + col.astype(np.float64)))
+    exact = g.astype(np.float64) * np.exp(-sum(t.astype(np.float64) for t in log_scale))
   zero = np.isinf(row) | np.isinf(col)
   normal = ~zero & (np.abs(exact) >= F32.tiny) & (np.abs(exact) <= F32.max)
   assert normal.sum() > 300 and (~zero & (np.abs(exact) > F32.max)).sum() > 300
@@ -201,3 +207,29 @@ def test_division_is_right_wherever_the_quotient_is_representable():
   below = ~zero & (np.abs(exact) < F32.tiny)
   np.testing.assert_allclose(quotient[below], exact[below], rtol=0, atol=F32.tiny)  # or flushed
   assert np.all(quotient[zero] == 0)
+
+
+def test_dividing_a_tree_splits_all_layers_together_yet_equals_leaf_by_leaf():
+  """``divide_by_scales`` (all per-unit terms split in one computation, float32 and
+  bfloat16 leaves together) gives bit for bit the leaf-by-leaf division."""
+  from optax_path._src.numerics import divide_by_scale
+  from optax_path._src.transform import divide_by_scales
+
+  rng = np.random.default_rng(5)
+  shapes = [(6, 5), (5,), (5, 3), (3,)]
+  dtypes = [jnp.float32, jnp.float32, jnp.bfloat16, jnp.bfloat16]
+  tree = [jnp.asarray(rng.normal(size=s) * 1e3, d) for s, d in zip(shapes, dtypes)]
+  vec = lambda n: jnp.asarray(rng.uniform(-120, 120, n), jnp.float32)
+  log_scales = {
+    0: (vec(6)[:, None], vec(5)[None, :]),
+    1: (vec(5),),
+    2: (vec(5)[:, None], vec(3)[None, :]),
+    3: (vec(3),),
+  }
+  divided = jax.jit(divide_by_scales)(tree, log_scales)
+  for i, leaf in enumerate(tree):
+    expected = jax.jit(divide_by_scale)(leaf, *log_scales[i])
+    assert divided[i].dtype == leaf.dtype
+    np.testing.assert_array_equal(
+      np.asarray(divided[i], np.float32), np.asarray(expected, np.float32)
+    )
