@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import math
+import statistics
 
 import pytest
 
@@ -44,6 +45,10 @@ def test_medians_positive_finite_and_ratios_consistent(quick_run):
       assert m['compile_s'] > 0
       base = methods[m['baseline']]['median_ms']
       assert m['ratio'] == pytest.approx(m['median_ms'] / base, rel=1e-12)
+      rounds_ratios = [t / b for t, b in zip(m['times_ms'], methods[m['baseline']]['times_ms'])]
+      q1, q2, q3 = m['round_ratio_quartiles']
+      assert q1 <= q2 <= q3 and q2 == pytest.approx(statistics.median(rounds_ratios), rel=1e-12)
+      assert min(rounds_ratios) <= q1 and q3 <= max(rounds_ratios)
     assert methods['sgd']['ratio'] == methods['adagrad']['ratio'] == 1.0
     scales = config['scales']
     assert 0 < scales['median_ms'] < math.inf

@@ -22,7 +22,8 @@ How it is timed:
 * Each call is timed with :func:`time.perf_counter` around the call and
   :func:`jax.block_until_ready` of its outputs; the report gives the median over the
   rounds and its ratio to the plain optimizer (``path-sgd / sgd``, ``path-adagrad /
-  adagrad``; the scales against the ``sgd`` step).
+  adagrad``; the scales against the ``sgd`` step), and the quartiles of the ratios
+  taken round by round, which show how noisy the machine was.
 * Peak memory is the device's ``peak_bytes_in_use`` where the device reports memory
   statistics, else the process's peak resident set size. Both are peaks of the whole
   process so far (they are read after each configuration and never reset), so a
@@ -280,19 +281,35 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
 def compare(
   timed: Mapping[str, Mapping[str, Any]], seconds: Mapping[str, float], runs: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-  """Each method's timings, with the ratio of its median to its plain optimizer's."""
+  """Each method's timings, with the ratio of its median to its plain optimizer's, and the
+  quartiles of the round-by-round ratios (each step over the plain step of its round)."""
   methods = {}
   for name, baseline in BASELINES.items():
     median, base = timed[name]['median_ms'], timed[baseline]['median_ms']
     methods[name] = {
       'median_ms': median,
       'ratio': median / base,
+      'round_ratio_quartiles': round_ratio_quartiles(
+        timed[name]['times_ms'], timed[baseline]['times_ms']
+      ),
       'baseline': baseline,
       'compile_s': seconds[name],
       'last_loss': float(runs[name].loss),
       'times_ms': timed[name]['times_ms'],
     }
   return methods
+
+
+def round_ratio_quartiles(times: Sequence[float], baseline: Sequence[float]) -> list[float]:
+  """The quartiles ``[q1, median, q3]`` of ``times[r] / baseline[r]`` over the rounds ``r``.
+
+  Both were timed in the same round, so a slow drift of the machine cancels out; the
+  spread says how far a ratio can be trusted.
+  """
+  ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+  if len(ratios) == 1:
+    return ratios * 3
+  return statistics.quantiles(ratios, n=4, method='inclusive')
 
 
 def bench_config(config: BenchConfig, *, rounds: int, warmup: int, dtype: Any) -> dict:
@@ -333,8 +350,9 @@ def run_bench(
   Returns:
     ``{"device", "options", "configs"}``: the device description
     (:func:`describe_device`), the options, and one dict per configuration (``methods``:
-    ``median_ms``, ``ratio`` to the ``baseline``, ``compile_s``, ``times_ms``; ``scales``:
-    ``median_ms``, ``ratio_to_sgd``, ``compile_s``; ``memory``: ``peak_mib``, ``source``).
+    ``median_ms``, ``ratio`` to the ``baseline``, ``round_ratio_quartiles``, ``compile_s``,
+    ``times_ms``; ``scales``: ``median_ms``, ``ratio_to_sgd``, ``compile_s``; ``memory``:
+    ``peak_mib``, ``source``).
   """
   if rounds < 1 or warmup < 0:
     raise ValueError(f'need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}')
@@ -373,12 +391,26 @@ def _table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> 
 def step_table(result: Mapping[str, Any]) -> list[str]:
   """The table of step times: a row per configuration and method."""
   rows = [
-    [c['name'], name, f'{m["median_ms"]:.3f}', f'{m["ratio"]:.2f}', f'{m["compile_s"]:.2f}']
+    [
+      c['name'],
+      name,
+      f'{m["median_ms"]:.3f}',
+      f'{m["ratio"]:.2f}',
+      '{:.2f} to {:.2f}'.format(*m['round_ratio_quartiles'][::2]),
+      f'{m["compile_s"]:.2f}',
+    ]
     for c in result['configs']
     for name, m in c['methods'].items()
   ]
-  header = ['config', 'method', 'step median (ms)', 'ratio to plain', 'compile (s)']
-  return _table(header, 'llrrr', rows)
+  header = [
+    'config',
+    'method',
+    'step median (ms)',
+    'ratio to plain',
+    'round-by-round ratio, quartiles',
+    'compile (s)',
+  ]
+  return _table(header, 'llrrrr', rows)
 
 
 def scales_table(result: Mapping[str, Any]) -> list[str]:
