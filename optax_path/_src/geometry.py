@@ -104,9 +104,10 @@ def path_geometry(
     transform.check_same_structure(updates, params)
     log_scales, scales = log_scale_leaves(params, state.scales)
     log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
-    whitened = transform.divide_by_scales(updates, log_sqrt_scales)
+    sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
+    whitened = transform.divide_by_split_scales(updates, sqrt_scales)
     step, inner_state = inner.update(whitened, state.inner_state, None)
-    step = transform.divide_by_scales(step, log_sqrt_scales)
+    step = transform.divide_by_split_scales(step, sqrt_scales)
     return step, PathGeometryState(inner_state, scales)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -182,16 +182,37 @@ class SplitScale(NamedTuple):
   power: jax.Array
 
 
-def split_scales(
+def split_leaf_scales(
+  leaves: Sequence[jax.Array], log_scales: Sequence[Sequence[jax.Array]]
+) -> list[list[SplitScale]]:
+  """The terms of each leaf's log scale, split for ``divide_by_split_scale``.
+
+  Terms smaller than their leaf (per unit: a layer's rows and columns) are split for all
+  leaves in one computation per compute dtype, so a deep net's few hundred vectors cost
+  a handful of operations rather than a few each. Terms as large as their leaf (the
+  general mode) are split per parameter, inside the division's fusion.
+  """
+  split = [[] for _ in leaves]
+  per_unit = {}  # compute dtype -> indices of the leaves whose terms are per unit
+  for i, (leaf, terms) in enumerate(zip(leaves, log_scales)):
+    dtype = compute_dtype(leaf.dtype)
+    if all(jnp.size(t) < jnp.size(leaf) for t in terms):
+      per_unit.setdefault(dtype, []).append(i)
+    else:
+      split[i] = [_split(t.astype(dtype), k == 0) for k, t in enumerate(terms)]
+  for dtype, group in per_unit.items():
+    terms = [t for i in group for t in log_scales[i]]
+    biased = [k == 0 for i in group for k in range(len(log_scales[i]))]
+    parts = iter(_split_together(terms, biased, dtype))
+    for i in group:
+      split[i] = [next(parts) for _ in log_scales[i]]
+  return split
+
+
+def _split_together(
   log_scales: Sequence[jax.Array], biased: Sequence[bool], dtype
 ) -> list[SplitScale]:
-  """``exp(-t)`` of every term ``t`` as a ``SplitScale``, all in one computation.
-
-  The terms are flattened into one vector, so a deep net's few hundred per-unit
-  vectors cost a handful of operations rather than a few per vector.
-  """
-  if not log_scales:
-    return []
+  """``exp(-t)`` of every term ``t`` as a ``SplitScale``, all in one computation."""
   flat = -jnp.concatenate([t.astype(dtype).reshape(-1) for t in log_scales])
   offsets = jnp.concatenate(
     [
@@ -208,22 +229,6 @@ def split_scales(
   ]
 
 
-def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
-  """``update / exp(sum(log_scale))``, right wherever the quotient is a normal number.
-
-  ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
-  column vector, so that the scales of a layer are never formed); see
-  ``divide_by_split_scale``.
-  """
-  dtype = compute_dtype(update.dtype)
-  biased = [i == 0 for i in range(len(log_scale))]
-  if all(jnp.size(t) < update.size for t in log_scale):
-    return divide_by_split_scale(update, split_scales(log_scale, biased, dtype))
-  # Terms as large as the update: split per parameter, inside the division's fusion.
-  terms = [_split(t.astype(dtype), b) for t, b in zip(log_scale, biased)]
-  return divide_by_split_scale(update, terms)
-
-
 def _split(log_scale: jax.Array, biased: bool) -> SplitScale:
   mantissa, power = split_exp(-log_scale)
   return SplitScale(mantissa, power + (_two_biases(log_scale.dtype) if biased else 0))
@@ -234,11 +239,21 @@ def _two_biases(dtype) -> int:
   return 2 * (int(jnp.finfo(dtype).maxexp) - 1)
 
 
+def divide_by_scale(update: jax.Array, *log_scale: jax.Array) -> jax.Array:
+  """``update / exp(sum(log_scale))``, right wherever the quotient is a normal number.
+
+  ``log_scale`` is one or more terms that broadcast against ``update`` (e.g. a row and a
+  column vector, so that the scales of a layer are never formed); see
+  ``divide_by_split_scale``.
+  """
+  return divide_by_split_scale(update, split_leaf_scales([update], [log_scale])[0])
+
+
 def divide_by_split_scale(update: jax.Array, terms: Sequence[SplitScale]) -> jax.Array:
   """``update`` divided by the scale whose terms (one of them biased) are ``terms``.
 
   Each term is split into a mantissa and an exponent of two once, per unit
-  (``split_scales``); per parameter this costs products by the mantissas and by two
+  (``split_leaf_scales``); per parameter this costs products by the mantissas and by two
   exact powers of two built from the summed exponents with a few integer operations,
   and no transcendental function, which fuses into the optimizer's update.
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
@@ -31,41 +30,28 @@ def check_same_structure(updates: Any, params: Any) -> None:
     )
 
 
-def divide_by_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> Any:
-  """Divides leaf ``i`` of ``tree`` by ``exp(sum(log_scales[i]))``, never forming it.
+def split_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> dict[int, Any]:
+  """The log scales of the leaves of ``tree``, split once for ``divide_by_split_scales``
+  (see ``numerics.split_leaf_scales``)."""
+  leaves = [leaf for _, leaf in layers_lib.flatten_with_names(tree)[0]]
+  indices = list(log_scales)
+  split = numerics.split_leaf_scales([leaves[i] for i in indices], [log_scales[i] for i in indices])
+  return dict(zip(indices, split))
 
-  The per-unit terms of all leaves (rows and columns of the layers) are split into
-  mantissas and exponents together; terms as large as their leaf (the general mode)
-  are divided leaf by leaf.
-  """
+
+def divide_by_split_scales(tree: Any, split: dict[int, Any]) -> Any:
+  """Divides leaf ``i`` of ``tree`` by the scale whose split terms are ``split[i]``."""
   named_leaves, treedef = layers_lib.flatten_with_names(tree)
-  leaves = [leaf for _, leaf in named_leaves]
-  per_unit = [
-    i for i in log_scales if all(jnp.size(t) < jnp.size(leaves[i]) for t in log_scales[i])
+  divided = [
+    numerics.divide_by_split_scale(leaf, split[i]) if i in split else leaf
+    for i, (_, leaf) in enumerate(named_leaves)
   ]
-  split = _split_together(leaves, log_scales, per_unit)
-  divided = list(leaves)
-  for i, terms in log_scales.items():
-    if i in split:
-      divided[i] = numerics.divide_by_split_scale(leaves[i], split[i])
-    else:
-      divided[i] = numerics.divide_by_scale(leaves[i], *terms)
   return jax.tree_util.tree_unflatten(treedef, divided)
 
 
-def _split_together(leaves, log_scales, indices) -> dict[int, list[numerics.SplitScale]]:
-  """The split terms of the leaves ``indices``, one computation per compute dtype."""
-  by_dtype = {}
-  for i in indices:
-    by_dtype.setdefault(numerics.compute_dtype(leaves[i].dtype), []).append(i)
-  split = {}
-  for dtype, group in by_dtype.items():
-    terms = [t for i in group for t in log_scales[i]]
-    biased = [k == 0 for i in group for k in range(len(log_scales[i]))]
-    parts = iter(numerics.split_scales(terms, biased, dtype))
-    for i in group:
-      split[i] = [next(parts) for _ in log_scales[i]]
-  return split
+def divide_by_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> Any:
+  """Divides leaf ``i`` of ``tree`` by ``exp(sum(log_scales[i]))``, never forming it."""
+  return divide_by_split_scales(tree, split_scales(tree, log_scales))
 
 
 def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
