@@ -225,7 +225,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
       'Time one jitted training step (forward, backward, transformation, apply; params '
       'and optimizer state donated) of a ReLU MLP on fixed random data with sgd, '
       'path-sgd, adagrad and path-adagrad, interleaved round-robin after warm-up, and '
-      'report the median step time, its ratio to the plain optimizer, the compile time, '
+      'report the median step time, its ratio to the plain optimizer (with the quartiles '
+      'of the round-by-round ratios), the compile time, '
       'the path scales alone and the peak memory. On a CPU the paper and big-batch '
       'configs take minutes.'
     ),
