@@ -4,6 +4,7 @@
 >>> tx = optax.chain(optax_path.path_normalize(p=2.0), optax.sgd(1e-2))  # Path-SGD
 """
 
+from optax_path._src.layer_order import layer_order
 from optax_path._src.geometry import PathGeometryState, path_adam, path_geometry
 from optax_path._src.rescaling import rebalance, rescale, unbalance
 from optax_path._src.scale_state import PathNormalizeState
@@ -15,6 +16,7 @@ __version__ = '0.1.0'
 __all__ = (
   'PathGeometryState',
   'PathNormalizeState',
+  'layer_order',
   'log_path_norm',
   'path_adagrad',
   'path_adam',
