@@ -291,28 +291,25 @@ def test_path_sgd_keeps_channel_rescaled_residual_cnns_equivalent(pool):
   print(f'{pool} pool: Path-SGD gap {path_gap:.2e}')
 
 
-def test_max_pool_scales_follow_the_argmax_paths_of_the_all_ones_input():
-  """Max pooling: the scales are those of the net that keeps, in each window, the member
-  with the largest gamma_in on the all-ones |theta|^2 pass (ties: the first member)."""
-  image = (10, 10, 2)  # windows 4:6 x 4:6 lie beyond the borders' reach: a 4-way tie
+def test_max_pool_scales_count_every_path_like_a_sum_pool():
+  """Max pooling: the scales are those of the same net with a sum pool, which counts
+  every path through each window (Gonon et al.), not the argmax paths of the all-ones
+  |theta|^2 pass that the old pass followed (there, windows 4:6 x 4:6 lie beyond the
+  borders' reach, a 4-way tie that went to the first member)."""
+  image = (10, 10, 2)
   model = ResidualCNN('max')
   params = random_params(model, image, dtype=np.float32)
-  q = jax.tree.map(jnp.square, params)
-  pre_pool = np.asarray(ResidualCNN('none').apply({'params': q}, jnp.ones((1, *image))))[0]
-  windows = pre_pool.reshape(5, 2, 5, 2, -1).transpose(0, 2, 4, 1, 3).reshape(5, 5, -1, 4)
-  assert np.all(windows[2, 2] == windows[2, 2, :, :1])  # tied
-  first_argmax = np.eye(4)[np.argmax(windows, axis=-1)]  # (5, 5, channels, 4)
-  mask = first_argmax.reshape(5, 5, -1, 2, 2).transpose(0, 3, 1, 4, 2).reshape(pre_pool.shape)
+  sum_pool = ResidualCNN('mask', np.ones((10, 10, 4)))  # 4 * avg_pool: a sum over each window
 
   def scales(net, params):
     return optax_path.path_scales(
       params, apply_fn=lambda q, x: net.apply({'params': q}, x), input_shape=image
     )
 
-  argmax_net = ResidualCNN('mask', mask)
-  max_pool, argmax_paths = jax.jit(lambda q: [scales(model, q), scales(argmax_net, q)])(params)
-  for a, b in zip(jax.tree.leaves(max_pool), jax.tree.leaves(argmax_paths)):
+  max_pool, every_path = jax.jit(lambda q: [scales(model, q), scales(sum_pool, q)])(params)
+  for a, b in zip(jax.tree.leaves(max_pool), jax.tree.leaves(every_path), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert all(bool(jnp.all(s > 0)) for s in jax.tree.leaves(max_pool))
 
 
 # ---------------------------------------------------------------------------------------

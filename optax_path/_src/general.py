@@ -17,12 +17,12 @@ The path scale of eq. 9 is that gradient to the power ``2/p``. One ``jax.grad`` 
 batch-1 forward pass gives every scale at once, for dense and convolutional layers
 (a kernel entry is shared by the edges at every position, so its scale sums over them;
 zero padding is no unit, so it starts no path), residual additions, concatenations,
-flattening and average pooling: the paper's ``(B + 1) T`` cost.
+flattening, average and max pooling: the paper's ``(B + 1) T`` cost.
 
 Scope. ReLU networks (also leaky ReLU, PReLU and linear layers: positively homogeneous
 activations act as the identity on this pass, so the scales are those of the same
 graph) built from dense and convolutional layers with any stride and padding, biases,
-residual additions, average or sum pooling, flattening, reshapes. Out of scope, and
+residual additions, average, sum or max pooling, flattening, reshapes. Out of scope, and
 giving numbers that are not path scales: BatchNorm, LayerNorm and other normalisations,
 non-homogeneous activations (GELU, tanh, sigmoid, swish), softmax or attention inside
 the network, products of activations. A negative result, only possible out of scope,
@@ -37,18 +37,28 @@ counted once; it is still invariant to every rescaling, and so is Path-SGD with 
 count them to the power ``p``, give an ``apply_fn`` that multiplies each average pool
 by ``k^(1-p)``.
 
-Max pooling. The pass is still invariant to channel rescalings (a pooling window lies
-in one channel, whose units are all scaled by the same ``c^p``), so Path-SGD stays
-rescaling invariant (Theorem 4.1). But the scales follow the argmax paths of the
-all-ones input: a pooled unit passes on only its window's largest ``gamma_in``, and
-the gradient reaches only that member of the window (for ``flax.linen.max_pool`` and
-``nnx.max_pool``, ties, as in the interior of a conv layer's output on the all-ones
-input, go to the first member of the window; ``jnp.max`` splits them equally). These
-are not the path scales of the argmax of the data. A shared conv kernel still gets a
-scale from its winning positions; a weight used only by units that lose every window
-(max over the units of a dense layer, say) gets scale 0, so its update is 0: it is
-never trained. To get scales over every path, give an ``apply_fn`` in which max pooling
-is replaced by average (or sum) pooling; the loss keeps the max pooling.
+Max pooling counts every path. A max pool passes on one member of its window, so the
+pass would follow the argmax of the all-ones input, and a weight used only by losing
+units would get scale 0 and never be trained. As in Gonon et al.'s path-norm toolkit,
+the pass treats a max pool as a unit with an edge of weight 1 from every member of its
+window: ``apply_fn`` is traced to a jaxpr and evaluated with ``reduce_window_max`` as
+``reduce_window_sum`` (same window, strides and padding; padding is no unit),
+``jnp.max`` over axes (global max pooling) as ``jnp.sum``, and an elementwise max of
+two activations as their sum; a max with a constant (ReLU) is kept, and so are
+custom derivatives (ReLU's is 0 at 0). These are the path scales and ``phi_p`` of the
+network's graph over all its paths, and they are invariant to channel rescalings (a
+window lies in one channel), so Path-SGD stays rescaling invariant (Theorem 4.1).
+``argmax``, ``sort``, ``top_k`` and their kin applied to activations have no path form
+and raise ``ValueError``, as does a max pool inside ``lax.while_loop`` or ``lax.scan``
+(see ``positive_pass``).
+
+Compilation. Called outside ``jit`` with a Python float ``p``, the pass traces
+``apply_fn`` (no compilation) and looks its jaxpr up in a small cache of compiled
+passes, keyed by the jaxpr's structure, with its constants (arrays ``apply_fn``
+closes over) passed as arguments: a fresh but equal ``lambda q, x: model.apply(...)``
+per call compiles once, and the cache holds no reference to it or its closure.
+Inside ``jit`` (or ``grad``), or with a traced ``p``, the pass is traced into the
+caller's computation.
 
 Float range. The pass runs in float32 at least, in float64 whenever 64-bit types are
 enabled (``jax.config.update('jax_enable_x64', True)``), and in the dtype ``apply_fn``
@@ -70,7 +80,11 @@ up to ``1e25``) need float64 or the MLP mode. What happens beyond:
   update 0; a scale that underflows reads 0, so its update is 0 where the MLP mode gives
   the largest finite value.
 
-Finite params within scope never give ``nan``, within the range or beyond it.
+Finite params within scope never give ``nan``, within the range or beyond it. Where
+``phi_p = 0`` (a zero-initialised head), ``log_path_norm`` is ``-inf`` and its gradient,
+and so that of ``path_norm(...) ** p``, is 0: the gradient of ``phi_p^p``, a sum of
+products that each hold a zero weight, and the least subgradient of ``phi_p`` at its
+minimum.
 
 Params. The leaves of ``params`` with a floating dtype are the parameters; other leaves
 (integers) are passed to ``apply_fn`` unchanged. A floating leaf that ``apply_fn`` does
@@ -86,8 +100,10 @@ well, so the update (0) is the MLP mode's.
 
 from __future__ import annotations
 
+import collections
+import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex_core
@@ -96,8 +112,11 @@ import optax
 
 from optax_path._src import layers as layers_lib
 from optax_path._src import numerics
+from optax_path._src import positive_pass
 
 ApplyFn = Callable[[Any, jax.Array], Any]
+
+_CACHE_SIZE = 32
 
 
 def _is_float_array(leaf: Any) -> bool:
@@ -111,29 +130,55 @@ def pass_dtype(float_leaves: Sequence[Any]) -> jnp.dtype:
   return jnp.promote_types(numerics.compute_dtype(jnp.result_type(*float_leaves)), widest)
 
 
-def _used_inputs(fn: Callable[[list[jax.Array]], jax.Array], args: list[jax.Array]) -> list[bool]:
-  """Which of ``args`` the value of ``fn(args)`` depends on, read from its jaxpr.
+def check_apply_fn(apply_fn: Any) -> ApplyFn:
+  """``apply_fn`` if it is callable; else ``ValueError``."""
+  if not callable(apply_fn):
+    raise ValueError(
+      'apply_fn must be the forward pass apply_fn(params, x) of the network, such as '
+      f"lambda q, x: model.apply({{'params': q}}, x); got {apply_fn!r}, which is not callable."
+    )
+  return apply_fn
 
-  An equation counts as using all of its inputs when any of its outputs is used, so an
-  input read inside a nested call whose other outputs matter counts as used.
+
+def check_input_shape(input_shape: Any) -> tuple[int, ...]:
+  """``input_shape`` as a tuple of ints ``>= 0``; else ``ValueError``.
+
+  A string (``'28'`` would read as ``(2, 8)``), a bare int, a float or a bool size is
+  rejected.
   """
-  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-  jaxpr = jax.make_jaxpr(fn)(avals).jaxpr
-  live = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
-  for eqn in reversed(jaxpr.eqns):
-    if eqn.effects or any(v in live for v in eqn.outvars if isinstance(v, jex_core.Var)):
-      live.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
-  return [v in live for v in jaxpr.invars]
+  message = (
+    'input_shape must be the shape of one input without the batch axis, a tuple of '
+    f'ints such as (28, 28, 1); got {input_shape!r}.'
+  )
+  if isinstance(input_shape, (str, bytes)):
+    raise ValueError(message)
+  try:
+    sizes = list(input_shape)
+    if any(isinstance(d, bool) for d in sizes):
+      raise TypeError
+    shape = tuple(operator.index(d) for d in sizes)
+  except TypeError:
+    raise ValueError(message) from None
+  if any(d < 0 for d in shape):
+    raise ValueError(f'input_shape must hold sizes >= 0, got {input_shape!r}.')
+  return shape
 
 
-def _positive_pass(
-  params: Any,
-  p: numerics.Exponent,
-  apply_fn: ApplyFn,
-  input_shape: tuple[int, ...],
-  check_used: bool,
-):
-  """``(phi_p^p, [d phi_p^p / d q_i], indices i)`` over the floating leaves ``i``."""
+class _Traced(NamedTuple):
+  """``apply_fn``'s summed output as a jaxpr of ``(q_1, ..., q_n, x)``."""
+
+  closed_jaxpr: jex_core.ClosedJaxpr  # consts: the arrays apply_fn closes over
+  named_leaves: list[tuple[Any, Any]]  # the flattened params, with their key paths
+  treedef: Any
+  indices: list[int]  # the floating leaves, in the order of the q_i
+
+
+def _trace(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) -> _Traced:
+  """``sum(apply_fn(params with q_i for the floating leaves, x))`` traced to a jaxpr.
+
+  The ``q_i`` and ``x`` (shape ``(1, *input_shape)``) are in the pass dtype. Raises
+  ``ValueError`` if ``params`` has no floating leaf or ``apply_fn`` fails on them.
+  """
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
   indices = [i for i, leaf in enumerate(leaves) if _is_float_array(leaf)]
@@ -143,97 +188,146 @@ def _positive_pass(
       + ('; '.join(layers_lib.format_path(path) for path, _ in named_leaves) or 'no leaves')
       + '.'
     )
-  masked = [path for path, leaf in named_leaves if isinstance(leaf, optax.MaskedNode)]
   dtype = pass_dtype([leaves[i] for i in indices])
-  ones = jnp.ones((1, *input_shape), dtype)
 
-  def phi_p_to_the_p(q: list[jax.Array]) -> jax.Array:
+  def summed_output(q: list[jax.Array], x: jax.Array) -> jax.Array:
     full = list(leaves)
     for i, q_i in zip(indices, q):
       full[i] = q_i
     try:
-      out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), ones)
+      out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), x)
     except Exception as error:
-      if not masked:
-        raise
-      raise ValueError(
-        'apply_fn failed on params in which optax.masked or optax.partition replaced '
-        f'{", ".join(map(layers_lib.format_path, masked))} with optax.MaskedNode(). The '
-        'general mode evaluates apply_fn on the params it is given: mask only leaves that '
-        'the forward pass does not use, or apply path_normalize to the whole params tree.'
-      ) from error
-    return sum(jnp.sum(o.astype(dtype)) for o in jax.tree.leaves(out))
+      raise _apply_fn_error(named_leaves, input_shape, error) from error
+    outputs = jax.tree.leaves(out)
+    if not outputs:
+      raise ValueError(f'apply_fn returned no array: {out!r}.')
+    return sum(jnp.sum(o.astype(dtype)) for o in outputs)
 
-  q = [numerics.abs_pow(leaves[i].astype(dtype), p) for i in indices]
-  if check_used:
-    unused = [i for i, used in zip(indices, _used_inputs(phi_p_to_the_p, q)) if not used]
-    if unused:
-      raise ValueError(
-        'apply_fn does not use these params leaves: '
-        + '; '.join(
-          f'{layers_lib.format_path(named_leaves[i][0])} {tuple(leaves[i].shape)}' for i in unused
-        )
-        + '. Their path scale would be 0, so Path-SGD would never update them. Check '
-        'apply_fn, or route these leaves to another transformation with optax.partition '
-        '(alias optax.multi_transform), or exclude them with optax.masked.'
+  q = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), dtype) for i in indices]
+  x = jax.ShapeDtypeStruct((1, *input_shape), dtype)
+  return _Traced(jax.make_jaxpr(summed_output)(q, x), named_leaves, treedef, indices)
+
+
+def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:
+  masked = [path for path, leaf in named_leaves if isinstance(leaf, optax.MaskedNode)]
+  if masked:
+    return ValueError(
+      'apply_fn failed on params in which optax.masked or optax.partition replaced '
+      f'{", ".join(map(layers_lib.format_path, masked))} with optax.MaskedNode(). The '
+      'general mode evaluates apply_fn on the params it is given: mask only leaves that '
+      'the forward pass does not use, or apply path_normalize to the whole params tree.'
+    )
+  return ValueError(
+    f'apply_fn failed on an all-ones input of shape {(1, *input_shape)}: a batch of one '
+    f'input of input_shape={input_shape}. Check that input_shape is the shape of one '
+    f'input without the batch axis, and that apply_fn(params, x) runs on it. '
+    f'{type(error).__name__}: {error}'
+  )
+
+
+def _used_inputs(jaxpr: jex_core.Jaxpr) -> list[bool]:
+  """Which of the ``invars`` of ``jaxpr`` its outputs depend on.
+
+  An equation counts as using all of its inputs when any of its outputs is used, so an
+  input read inside a nested call whose other outputs matter counts as used.
+  """
+  live = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars if isinstance(v, jex_core.Var)):
+      live.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+  return [v in live for v in jaxpr.invars]
+
+
+def _check_used(traced: _Traced) -> None:
+  used = _used_inputs(traced.closed_jaxpr.jaxpr)
+  unused = [i for i, u in zip(traced.indices, used) if not u]
+  if unused:
+    raise ValueError(
+      'apply_fn does not use these params leaves: '
+      + '; '.join(
+        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
+        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
+        for i in unused
       )
-  value, grads = jax.value_and_grad(phi_p_to_the_p)(q)
-  return value, grads, indices
+      + '. Their path scale would be 0, so Path-SGD would never update them. Check '
+      'apply_fn, or route these leaves to another transformation with optax.partition '
+      '(alias optax.multi_transform), or exclude them with optax.masked.'
+    )
 
 
-def _log_scales(params, p, apply_fn, input_shape) -> dict[int, jax.Array]:
-  phi_p_p, grads, indices = _positive_pass(params, p, apply_fn, input_shape, check_used=True)
+def _phi_p_to_the_p(jaxpr, consts, q: list[jax.Array]) -> jax.Array:
+  """``sum_j f_q(1)_j``: the pass on ``q``, counting every path through a max."""
+  x = jnp.ones(jaxpr.invars[-1].aval.shape, jaxpr.invars[-1].aval.dtype)
+  return positive_pass.evaluate(jaxpr, consts, *q, x)[0]
+
+
+def _powers(jaxpr, p, floats: list[jax.Array]) -> list[jax.Array]:
+  """``q_i = |theta_i|^p`` in the pass dtype."""
+  return [numerics.abs_pow(f.astype(v.aval.dtype), p) for f, v in zip(floats, jaxpr.invars)]
+
+
+def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
+  """``(2/p) log(d phi_p^p / d q_i)`` per floating leaf; ``+inf`` where untrusted."""
+  phi_p_p, grads = jax.value_and_grad(lambda q: _phi_p_to_the_p(jaxpr, consts, q))(
+    _powers(jaxpr, p, floats)
+  )
   trusted = jnp.isfinite(phi_p_p)
-  log_scales = {}
-  for i, g in zip(indices, grads):
+  log_scales = []
+  for g in grads:
     # g = 0 -> -inf (no path: update 0); g = inf -> inf; g = nan (inf * 0) -> inf.
     log_g = jnp.where(jnp.isnan(g), jnp.inf, (2 / p) * jnp.log(g))
-    log_scales[i] = jnp.where(trusted, log_g, jnp.inf)
+    log_scales.append(jnp.where(trusted, log_g, jnp.inf))
   return log_scales
 
 
-def _log_path_norm(params, p, apply_fn, input_shape) -> jax.Array:
-  phi_p_p, _, _ = _positive_pass(params, p, apply_fn, input_shape, check_used=False)
-  finite = jnp.isfinite(phi_p_p)
-  return jnp.where(finite, jnp.log(jnp.where(finite, phi_p_p, 1.0)) / p, jnp.inf)
+def _log_path_norm(jaxpr, consts, p, floats) -> jax.Array:
+  """``log(phi_p^p) / p``: ``-inf`` at 0 with gradient 0, ``+inf`` beyond the range."""
+  phi_p_p = _phi_p_to_the_p(jaxpr, consts, _powers(jaxpr, p, floats))
+  positive = jnp.isfinite(phi_p_p) & (phi_p_p > 0)
+  log_norm = jnp.log(jnp.where(positive, phi_p_p, 1.0)) / p  # no 1/0 in the gradient
+  elsewhere = jnp.where(phi_p_p == 0, -jnp.inf, jnp.where(phi_p_p < 0, jnp.nan, jnp.inf))
+  return jnp.where(positive, log_norm, elsewhere)
 
 
-_STATIC = ('p', 'apply_fn', 'input_shape')
-_log_scales_jit = jax.jit(_log_scales, static_argnames=_STATIC)
-_log_path_norm_jit = jax.jit(_log_path_norm, static_argnames=_STATIC)
+_compiled: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = (
+  collections.OrderedDict()
+)
 
 
-def _hashable(value: Any) -> bool:
-  try:
-    hash(value)
-  except TypeError:
-    return False
-  return True
+def _compiled_pass(fn, jaxpr: jex_core.Jaxpr, key: tuple[Any, ...], p: float):
+  """``jit(fn)`` for this jaxpr structure and ``p``, from a cache of ``_CACHE_SIZE``.
 
-
-def _call(fn, compiled, params, p, apply_fn, input_shape):
-  """``fn``, compiled once per ``p``, ``apply_fn`` and shape where ``p`` is concrete.
-
-  A traced ``p`` (from ``optax.inject_hyperparams``) or an unhashable ``apply_fn``
-  takes the uncompiled path; inside an outer ``jit`` the inner one is inlined anyway.
+  The cached function holds the first jaxpr of its structure (no values: its constants
+  are arguments), not the ``apply_fn`` it was traced from.
   """
-  input_shape = _check_input_shape(input_shape)
-  if isinstance(p, float) and _hashable(apply_fn):
-    return compiled(params, p=p, apply_fn=apply_fn, input_shape=input_shape)
-  return fn(params, p, apply_fn, input_shape)
+  key = (fn.__name__, p, key)
+  if key in _compiled:
+    _compiled.move_to_end(key)
+    return _compiled[key]
+  compiled = jax.jit(lambda consts, floats: fn(jaxpr, consts, p, floats))
+  _compiled[key] = compiled
+  if len(_compiled) > _CACHE_SIZE:
+    _compiled.popitem(last=False)
+  return compiled
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
-  try:
-    shape = tuple(int(d) for d in input_shape)
-  except TypeError:
-    raise ValueError(
-      f'input_shape must be the shape of one input without the batch axis, a tuple of '
-      f'ints such as (28, 28, 1); got {input_shape!r}.'
-    ) from None
-  if any(d < 0 for d in shape):
-    raise ValueError(f'input_shape must hold sizes >= 0, got {input_shape!r}.')
-  return shape
+def _is_traced(values: Sequence[Any]) -> bool:
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def _run(fn, traced: _Traced, p: numerics.Exponent):
+  """``fn`` on the traced pass: compiled and cached when called eagerly.
+
+  A traced ``p`` (from ``optax.inject_hyperparams``) or traced params (inside ``jit``
+  or ``grad``) run ``fn`` inline, in the caller's trace.
+  """
+  closed = traced.closed_jaxpr
+  leaves = [leaf for _, leaf in traced.named_leaves]
+  floats = [leaves[i] for i in traced.indices]
+  if isinstance(p, float) and not _is_traced(floats):
+    compiled = _compiled_pass(fn, closed.jaxpr, positive_pass.structure_key(closed), p)
+    return compiled(list(closed.consts), floats)
+  return fn(closed.jaxpr, closed.consts, p, floats)
 
 
 def log_scale_leaves(
@@ -247,8 +341,9 @@ def log_scale_leaves(
     \\sum_j f_q(\\mathbf{1})_j \\Big|_{q = |\\theta|^p},
 
   which for a parameter shared by several edges (a conv kernel entry) is the sum over
-  those edges of ``gamma_in(u) gamma_out(v)``, to the power ``2/p``. See the module
-  docstring for the scope, max pooling, the float range and what happens beyond it.
+  those edges of ``gamma_in(u) gamma_out(v)``, to the power ``2/p``; every path through
+  a max pool counts. See the module docstring for the scope, max pooling, the float
+  range and what happens beyond it.
 
   Args:
     params: the params pytree that ``apply_fn`` takes (a Linen ``params`` dict, an NNX
@@ -257,7 +352,7 @@ def log_scale_leaves(
     apply_fn: ``apply_fn(params, x)``, the network's forward pass on a batch ``x``:
       ``lambda q, x: model.apply({'params': q}, x)`` for Linen,
       ``lambda s, x: nnx.merge(graphdef, s)(x)`` for NNX.
-    input_shape: the shape of one input, without the batch axis.
+    input_shape: the shape of one input, without the batch axis: a tuple of ints.
 
   Returns:
     ``(leaves, treedef, log_scales)``: the flattened params (``MaskedNode`` kept as
@@ -266,8 +361,10 @@ def log_scale_leaves(
     is exactly 0, ``+inf`` where it overflows or the pass did.
 
   Raises:
-    ValueError: if ``input_shape`` is no shape, ``params`` has no floating leaf,
-      ``apply_fn`` does not use one of them, or fails on masked params.
+    ValueError: if ``apply_fn`` is not callable, ``input_shape`` is no shape,
+      ``params`` has no floating leaf, ``apply_fn`` fails on the all-ones input of that
+      shape (or on masked params), does not use one of the floating leaves, or applies
+      ``argmax``, ``sort`` and their kin to activations.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_path
@@ -290,11 +387,13 @@ def log_scale_leaves(
   References:
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
     Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015, eq. 9 and
-    Algorithm 1.
+    Algorithm 1; Gonon et al., ICLR 2024 (max pooling; see ``positive_pass``).
   """
-  named_leaves, treedef = layers_lib.flatten_with_names(params)
-  log_scales = _call(_log_scales, _log_scales_jit, params, p, apply_fn, input_shape)
-  return [leaf for _, leaf in named_leaves], treedef, log_scales
+  traced = _trace(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
+  _check_used(traced)
+  log_scales = _run(_log_scales, traced, p)
+  leaves = [leaf for _, leaf in traced.named_leaves]
+  return leaves, traced.treedef, dict(zip(traced.indices, log_scales))
 
 
 def log_path_norm(
@@ -302,16 +401,21 @@ def log_path_norm(
 ) -> jax.Array:
   """``log phi_p(w) = log(sum(f_{|theta|^p}(1))) / p``, differentiable.
 
+  Every path through a max pool counts (see the module docstring).
+
   Args:
     params: the params pytree that ``apply_fn`` takes.
     p: a number > 0.
     apply_fn: ``apply_fn(params, x)``, the network's forward pass.
-    input_shape: the shape of one input, without the batch axis.
+    input_shape: the shape of one input, without the batch axis: a tuple of ints.
 
   Returns:
     A scalar in float32 or wider (float64 where 64-bit types are enabled); ``+inf``
     where ``phi_p^p`` overflows that dtype (see the module docstring), ``-inf`` where
-    there is no path.
+    there is no path, with gradient 0 there.
+
+  Raises:
+    ValueError: as ``log_scale_leaves``, except that unused leaves are allowed.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_path
@@ -320,4 +424,5 @@ def log_path_norm(
     >>> round(float(optax_path.path_norm(params, p=1.0, apply_fn=apply_fn, input_shape=(1,))), 5)
     11.0
   """
-  return _call(_log_path_norm, _log_path_norm_jit, params, p, apply_fn, input_shape)
+  traced = _trace(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
+  return _run(_log_path_norm, traced, p)

@@ -1,0 +1,292 @@
+"""The general mode's ``|theta|^p`` pass: a jaxpr evaluated with every path counted.
+
+On the pass, every parameter is ``q = |theta|^p`` and the input is all ones, so each
+unit computes its ``gamma_in``: the sum over the paths into it of the products of their
+``q`` (Algorithm 1 of the paper). A max pool does not sum over its window: it passes on
+one member, so the paths through the others would be lost, and the weights used only by
+losing units would get scale 0. Following Gonon et al. (their path-norm toolkit replaces
+a max pool by a depthwise convolution of ones on this pass), a max pool is a unit with
+an incoming edge of weight 1 from every member of its window:
+
+.. math::
+
+  \\max_{i \\in W} h_i \\;\\to\\; \\sum_{i \\in W} h_i .
+
+``evaluate`` runs a traced ``apply_fn`` (its jaxpr) with these substitutions, where an
+operand depends on the params or the input (an *activation*):
+
+- ``reduce_window_max`` / ``reduce_window_min`` -> ``reduce_window_sum``, with the
+  same window, strides, dilations and padding. The max pads with ``-inf`` (no unit);
+  the sum pads with 0, which is no unit either. A generic ``reduce_window`` whose
+  computation is one ``max`` or ``min`` likewise.
+- ``reduce_max`` / ``reduce_min`` (``jnp.max`` over axes: global max pooling) ->
+  ``reduce_sum`` over the same axes.
+- ``max`` / ``min`` of two activations (an elementwise max of two branches) -> their
+  sum. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
+  depends on neither) it is kept: ReLU is the identity on this pass.
+- ``pad`` of an activation with ``-inf`` (a max pool's explicit padding) -> pad with 0.
+
+Every substitution is linear and keeps each channel within itself, so the pass stays
+invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
+``c^p``, and a max of two activations is positively homogeneous only if both scale
+alike. Other primitives are bound as traced. Calls (``jit``, ``custom_jvp_call``,
+``custom_vjp_call``, ``remat``, ``closed_call``) are inlined where their body holds a
+substitution, and otherwise bound as they are, so that custom derivatives (ReLU's is 0
+at 0) stay. ``cond`` branches are rewritten. Out of scope, raising ``ValueError`` that
+names the primitive: ``argmax``, ``argmin``, ``sort``, ``top_k``, ``cummax``,
+``cummin`` and cross-device maxima of activations, which select units by value and
+have no path form; and a substitution inside ``while``, ``scan`` or ``shard_map``.
+
+References:
+  Gonon, Brisebarre, Riccietti & Gribonval, `A path-norm toolkit for modern networks:
+  consequences, promises and challenges <https://arxiv.org/abs/2310.01225>`_, ICLR 2024,
+  and their code, https://github.com/agonon/pathnorm-pytorch (``pathnorm.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import numpy as np
+from jax import lax
+
+_WINDOW_MAX = frozenset({'reduce_window_max', 'reduce_window_min'})
+_REDUCE_MAX = frozenset({'reduce_max', 'reduce_min'})
+_ELEMENTWISE_MAX = frozenset({'max', 'min'})
+_SELECTS_BY_VALUE = frozenset(
+  {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
+)
+_CALLS = {  # call-like primitives: the parameter holding the body, which takes all invars
+  'jit': 'jaxpr',
+  'pjit': 'jaxpr',
+  'closed_call': 'call_jaxpr',
+  'core_call': 'call_jaxpr',
+  'remat2': 'jaxpr',
+  'checkpoint': 'jaxpr',
+  'custom_jvp_call': 'call_jaxpr',
+  'custom_vjp_call': 'call_jaxpr',
+  'custom_vjp_call_jaxpr': 'fun_jaxpr',
+}
+
+
+def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+  """``jaxpr`` applied to ``consts`` and ``args``, with every path through a max counted.
+
+  Args:
+    jaxpr: a traced function (``jax.make_jaxpr(f)(...).jaxpr``); its inputs, not its
+      constants, are the activations' sources (the params and the input of the pass).
+    consts: values for its ``constvars``, concrete or traced.
+    *args: values for its ``invars``, concrete or traced (the pass may be
+      differentiated and jitted).
+
+  Returns:
+    The outputs, as ``jax.core.eval_jaxpr`` would give them with the substitutions of
+    the module docstring.
+
+  Raises:
+    ValueError: for a primitive that selects activations by value (``argmax``,
+      ``sort``, ...), or a max to substitute inside ``while``, ``scan`` or another
+      primitive whose body cannot be inlined; the message names the primitive.
+  """
+  return _eval(jaxpr, consts, args, [True] * len(jaxpr.invars))
+
+
+def rewrites(jaxpr: jex_core.Jaxpr) -> bool:
+  """Whether ``evaluate`` substitutes anything in ``jaxpr`` (or raises)."""
+  return _rewrites(jaxpr, [True] * len(jaxpr.invars))
+
+
+def structure_key(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Any, ...]:
+  """A hashable key equal for jaxprs that compute the same function of (consts, args).
+
+  Two traces of equal ``apply_fn``s (a fresh ``lambda q, x: model.apply(...)`` per
+  call) print alike: variables are named in order, literals and parameters are
+  printed, constants are inputs (``constvars``) whose avals are printed. Constants of
+  nested jaxprs are part of the body, so their values are hashed. Custom derivative
+  rules appear by name only: two ``custom_jvp`` functions of equal name and body with
+  different rules would share a key.
+  """
+  nested = tuple(
+    (str(jax.typeof(c)), _digest(c))
+    for jaxpr in _nested_closed_jaxprs(closed_jaxpr.jaxpr)
+    for c in jaxpr.consts
+  )
+  consts = tuple(str(jax.typeof(c)) for c in closed_jaxpr.consts)
+  return str(closed_jaxpr.jaxpr), consts, nested
+
+
+def _digest(value: Any) -> bytes:
+  return np.asarray(value).tobytes()
+
+
+def _nested_closed_jaxprs(jaxpr: jex_core.Jaxpr):
+  for eqn in jaxpr.eqns:
+    for sub in _params_jaxprs(eqn.params):
+      if isinstance(sub, jex_core.ClosedJaxpr):
+        yield sub
+        yield from _nested_closed_jaxprs(sub.jaxpr)
+      else:
+        yield from _nested_closed_jaxprs(sub)
+
+
+def _params_jaxprs(params: dict[str, Any]):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+        yield item
+
+
+def _open(body: Any) -> tuple[jex_core.Jaxpr, Sequence[Any]]:
+  if isinstance(body, jex_core.ClosedJaxpr):
+    return body.jaxpr, body.consts
+  return body, ()
+
+
+def _is_max_computation(jaxpr: jex_core.Jaxpr) -> bool:
+  return len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive.name in _ELEMENTWISE_MAX
+
+
+def _is_neg_inf(atom: Any) -> bool:
+  if not isinstance(atom, jex_core.Literal):
+    return False
+  value = np.asarray(atom.val)
+  return value.shape == () and bool(np.isneginf(value))
+
+
+def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
+  """What ``_eval`` does with ``eqn``: ``None`` binds it as traced."""
+  name = eqn.primitive.name
+  if not any(dependent):
+    return None
+  if name in _WINDOW_MAX or name in _REDUCE_MAX:
+    return 'sum'
+  if name in _ELEMENTWISE_MAX:
+    return 'add' if all(dependent) else None
+  if name == 'reduce_window':
+    body = eqn.params['jaxpr']
+    body = body.jaxpr if isinstance(body, jex_core.ClosedJaxpr) else body
+    return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
+  if name == 'pad':
+    return 'pad_zero' if dependent[0] and _is_neg_inf(eqn.invars[1]) else None
+  if name in _SELECTS_BY_VALUE:
+    return 'unsupported'
+  return _nested_rule(eqn, dependent)
+
+
+def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
+  name = eqn.primitive.name
+  if name in _CALLS and _CALLS[name] in eqn.params:
+    body, _ = _open(eqn.params[_CALLS[name]])
+    return 'inline' if _rewrites(body, dependent) else None
+  if name == 'cond':
+    branches = eqn.params['branches']
+    return 'cond' if any(_rewrites(b.jaxpr, dependent[1:]) for b in branches) else None
+  for body in _params_jaxprs(eqn.params):
+    jaxpr, _ = _open(body)
+    if len(jaxpr.invars) == len(dependent):
+      inner = dependent
+    else:  # a body whose inputs are not the eqn's: count them all as activations
+      inner = [True] * len(jaxpr.invars)
+    if _rewrites(jaxpr, inner):
+      return 'unsupported'
+  return None
+
+
+def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool]) -> bool:
+  dependent = dict(zip(jaxpr.invars, dependent_invars))
+  for eqn in jaxpr.eqns:
+    flags = [_is_dependent(v, dependent) for v in eqn.invars]
+    if _rule(eqn, flags) is not None:
+      return True
+    for v in eqn.outvars:
+      dependent[v] = any(flags)
+  return False
+
+
+def _is_dependent(atom: Any, dependent: dict[Any, bool]) -> bool:
+  return not isinstance(atom, jex_core.Literal) and dependent.get(atom, False)
+
+
+def _eval(
+  jaxpr: jex_core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], dependent_invars: list[bool]
+) -> list[Any]:
+  env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  dependent = dict(zip(jaxpr.invars, dependent_invars))
+
+  def read(atom):
+    return atom.val if isinstance(atom, jex_core.Literal) else env[atom]
+
+  for eqn in jaxpr.eqns:
+    flags = [_is_dependent(v, dependent) for v in eqn.invars]
+    values = [read(v) for v in eqn.invars]
+    with eqn.ctx.manager:
+      outs = _apply(eqn, _rule(eqn, flags), values, flags)
+    for v, out in zip(eqn.outvars, outs):
+      env[v] = out
+      dependent[v] = any(flags)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: list[bool]):
+  """The outputs of ``eqn`` (always a list) under ``rule``."""
+  name, params = eqn.primitive.name, eqn.params
+  if rule is None:
+    out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
+    return out if eqn.primitive.multiple_results else [out]
+  if rule == 'sum' and name in _WINDOW_MAX:
+    return [lax.reduce_window_sum_p.bind(values[0], **params)]
+  if rule == 'sum':
+    return [lax.reduce_sum_p.bind(values[0], axes=params['axes'], out_sharding=None)]
+  if rule == 'add':
+    return [lax.add(values[0], values[1])]
+  if rule == 'window_sum':
+    if len(values) != 2:
+      raise ValueError(
+        f'The general mode cannot count the paths of a {name} over {len(values) // 2} '
+        'operands at once; reduce each with its own max pool.'
+      )
+    window = {
+      k: params[k]
+      for k in ('window_dimensions', 'window_strides', 'padding', 'base_dilation', 'window_dilation')
+    }
+    return [lax.reduce_window_sum_p.bind(values[0], **window)]
+  if rule == 'pad_zero':
+    return [lax.pad(values[0], lax.full_like(values[1], 0), params['padding_config'])]
+  if rule == 'inline':
+    body, consts = _open(params[_CALLS[name]])
+    return _eval(body, consts, values, flags)
+  if rule == 'cond':
+    return _cond(eqn, values, flags)
+  raise ValueError(_unsupported_message(eqn))
+
+
+def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
+  """``cond`` with each branch evaluated with the substitutions."""
+  avals = [jax.typeof(v) for v in values[1:]]
+  branches = tuple(
+    jax.make_jaxpr(lambda *xs, b=b: _eval(b.jaxpr, b.consts, xs, flags[1:]))(*avals)
+    for b in eqn.params['branches']
+  )
+  params = dict(eqn.params, branches=branches)
+  return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
+
+
+def _unsupported_message(eqn: jex_core.JaxprEqn) -> str:
+  name = eqn.primitive.name
+  if name in _SELECTS_BY_VALUE:
+    return (
+      f'apply_fn applies {name} to activations. The general mode counts every path '
+      'through a max (a max pool sums over its window on the |theta|^p pass), but a '
+      f'unit chosen by {name} has no path form. Give an apply_fn without it (the loss '
+      'may keep it), or use the MLP mode.'
+    )
+  return (
+    f'apply_fn has a max or max pool of activations inside {name}. The general mode '
+    'counts every path through a max by rewriting it as a sum, which it can do inside '
+    'jit, custom_jvp, custom_vjp, checkpoint and cond, but not inside '
+    f'{name}. Unroll the loop, or give an apply_fn with sum pooling there.'
+  )
