@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import optax
 
+from optax_path._src import layers as layers_lib
 from optax_path._src import numerics, scale_state, transform
 from optax_path._src import scales as scales_lib
 from optax_path._src.transform import LayerSpecs
@@ -84,6 +85,7 @@ def path_geometry(
   """
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
+  layers = layers_lib.normalize_layer_specs(layers)
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):

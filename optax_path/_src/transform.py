@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
@@ -21,13 +22,35 @@ NO_PARAMS_MSG = (
 
 
 def check_same_structure(updates: Any, params: Any) -> None:
-  update_def = layers_lib.flatten_with_names(updates)[1]
-  param_def = layers_lib.flatten_with_names(params)[1]
+  """Checks that ``updates`` matches ``params`` leaf by leaf: structure, then shapes.
+
+  Raises:
+    ValueError: naming the first leaf whose shape differs, or a non-floating update
+      leaf; or giving both structures where they differ.
+  """
+  named_updates, update_def = layers_lib.flatten_with_names(updates)
+  named_params, param_def = layers_lib.flatten_with_names(params)
   if update_def != param_def:
     raise ValueError(
       'updates and params must have the same tree structure; got updates '
       f'{update_def} and params {param_def}.'
     )
+  for (path, update), (_, param) in zip(named_updates, named_params):
+    if isinstance(update, optax.MaskedNode):
+      continue
+    shape = getattr(param, 'shape', None)
+    if shape is not None and getattr(update, 'shape', None) != shape:
+      raise ValueError(
+        f'The update of {layers_lib.format_path(path)} has shape '
+        f'{getattr(update, "shape", type(update).__name__)}, its parameter {tuple(shape)}: '
+        'updates must have the shapes of params, leaf by leaf (no broadcasting).'
+      )
+    dtype = getattr(update, 'dtype', None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+        f'The update of {layers_lib.format_path(path)} has dtype {dtype}: updates must be '
+        'real floating point arrays.'
+      )
 
 
 def split_scales(tree: Any, log_scales: dict[int, scales_lib.LogScale]) -> dict[int, Any]:
@@ -143,6 +166,7 @@ def path_normalize(
   """
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
+  layers = layers_lib.normalize_layer_specs(layers)
   refresh_every = scale_state.check_refresh_every(refresh_every, apply_fn)
   if apply_fn is not None:
     return _general_path_normalize(p, apply_fn, input_shape)
