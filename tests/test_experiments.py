@@ -209,7 +209,7 @@ def test_diverging_run_stops_without_crashing(tiny):
   tx = training.make_optimizer('sgd')
   train = np.arange(200)
   spec = training.RunSpec(
-    training.make_train_step(model, tx),
+    training.make_train_epoch(model, tx),
     training.make_evaluate(model),
     data_,
     train,
@@ -249,6 +249,8 @@ def run_dir(tmp_path_factory):
     '--alphas',
     '1',
     '2',
+    '--seeds',
+    '2',
     '--out',
     str(out),
     '--quiet',
@@ -276,6 +278,7 @@ def test_metrics_csv(run_dir):
     'method',
     'init',
     'dropout',
+    'seed',
     'learning_rate',
     'epoch',
     'train_loss',
@@ -283,8 +286,9 @@ def test_metrics_csv(run_dir):
     'test_error',
     'seconds',
   ]
-  assert len(rows) == 3 * 2 * 3  # methods x inits x epochs 0..2
+  assert len(rows) == 2 * 3 * 2 * 3  # seeds x methods x inits x epochs 0..2
   metrics = report.read_csv(run_dir / 'metrics.csv')
+  assert {r['seed'] for r in metrics} == {0, 1}
   assert {r['method'] for r in metrics} == {'path-sgd', 'sgd', 'adagrad'}
   assert {r['init'] for r in metrics} == {'balanced', 'unbalanced'}
   assert sorted({r['epoch'] for r in metrics}) == [0, 1, 2]
@@ -295,11 +299,24 @@ def test_metrics_csv(run_dir):
 
 def test_selection_csv(run_dir):
   rows = report.read_csv(run_dir / 'selection.csv')
-  assert len(rows) == 2 * 2  # searched methods x alphas (adagrad's step is fixed by --lr)
-  assert {r['method'] for r in rows} == {'path-sgd', 'sgd'}
+  assert {r['method'] for r in rows} == {'path-sgd', 'sgd'}  # adagrad's step: --lr
+  assert {r['seed'] for r in rows} == {0}  # searched on the first seed
   for method_rows in report.group(rows, ('method',)).values():
     assert sum(r['chosen'] for r in method_rows) == 1
-    assert sorted(r['alpha'] for r in method_rows) == [1, 2]
+    alphas = sorted(r['alpha'] for r in method_rows)
+    assert {1, 2} <= set(alphas) and alphas == list(range(int(alphas[0]), int(alphas[-1]) + 1))
+    assert all(r['extended'] == (r['alpha'] not in (1, 2)) for r in method_rows)
+    chosen = next(r['alpha'] for r in method_rows if r['chosen'])
+    assert alphas[0] < chosen < alphas[-1] or chosen == 0  # interior, or the paper's limit
+
+
+def test_seeds_draw_their_own_init_and_batches(run_dir):
+  metrics = report.read_csv(run_dir / 'metrics.csv')
+  runs = report.group(metrics, ('method', 'init', 'seed'))
+  for method in ('path-sgd', 'sgd'):
+    a = [r['train_loss'] for r in runs[(method, 'balanced', 0)]]
+    b = [r['train_loss'] for r in runs[(method, 'balanced', 1)]]
+    assert a[0] != b[0] and a[-1] != b[-1]  # different init, different training
 
 
 def test_path_sgd_curves_agree_across_inits(run_dir):
@@ -311,7 +328,7 @@ def test_path_sgd_curves_agree_across_inits(run_dir):
 # --------------------------------------------------------------------------- report
 
 
-def synthetic_rows(dataset='digits', dropout=0.0, diverge=False):
+def synthetic_rows(dataset='digits', dropout=0.0, diverge=False, seed=0):
   rows = []
   for method, init in [
     ('path-sgd', 'balanced'),
@@ -328,6 +345,7 @@ def synthetic_rows(dataset='digits', dropout=0.0, diverge=False):
           'method': method,
           'init': init,
           'dropout': dropout,
+          'seed': seed,
           'learning_rate': 0.1,
           'epoch': epoch,
           'train_loss': NAN if bad else 2 * err,
@@ -349,8 +367,8 @@ def test_max_abs_difference_handles_nan_and_length():
 
 def test_summary_marks_divergence_and_target():
   text = report.summary_markdown(synthetic_rows(diverge=True))
-  assert '| sgd | unbalanced |' in text and 'diverged, epoch 3' in text
-  assert '1.1 x the best final test error' in text
+  assert '| sgd | unbalanced |' in text and '| 1/1 (epoch 3) |' in text
+  assert '1.1 x the lowest mean final test error' in text
   assert 'agree' in text
 
 
@@ -405,7 +423,15 @@ def test_unbalance_channels_keeps_the_function_and_the_path_norm():
   x = jax.random.normal(jax.random.key(2), (5, 64))
   a, b = model.apply({'params': params}, x), model.apply({'params': unbalanced}, x)
   assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5
-  assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(unbalanced)) > 10.0
+
+  def largest_factor(skewed):
+    return max(
+      float(jnp.max(jnp.abs(skewed[k]['kernel'] / params[k]['kernel']))) for k in ('Conv_0', 'Conv_1')
+    )
+
+  assert 1.5 < largest_factor(unbalanced) < 1e4  # the authors' 10 exp(z), picked a few times
+  stressed = unbalance_channels(jax.random.key(1), params, 6, scheme='stress')
+  assert largest_factor(stressed) > 10 * largest_factor(unbalanced)
   mode = path_mode(model, 64)
   np.testing.assert_allclose(
     optax_path.log_path_norm(unbalanced, **mode),
@@ -452,3 +478,98 @@ def test_cnn_end_to_end_path_sgd_curves_agree(tmp_path):
     }
     np.testing.assert_allclose(by_init['balanced'], by_init['unbalanced'], rtol=1e-6)
   assert 'ReLU CNN' in (tmp_path / 'summary.md').read_text()
+
+
+# ------------------------------------------------------------------------ seeds, spreads
+
+
+def test_seeds_option():
+  assert parse().seeds == (0,)
+  assert parse('--seeds', '3').seeds == (0, 1, 2)
+  assert parse('--seeds', '3', '--seed', '10').seeds == (10, 11, 12)
+  assert parse('--seeds', '4', '7').seeds == (4, 7)
+
+
+@pytest.mark.parametrize('argv', [['--seeds', '0'], ['--seeds', '1', '1']])
+def test_bad_seeds_exit(argv, capsys):
+  with pytest.raises(SystemExit):
+    parse(*argv)
+  assert '--seeds' in capsys.readouterr().err
+
+
+def test_spread_matches_the_statistics_module():
+  import statistics
+
+  values = [0.031, 0.027, 0.035, NAN]
+  finite = values[:3]
+  mean, std = statistics.mean(finite), statistics.stdev(finite)
+  expected = f'{mean:.2%} ± {100 * std:.2f} ({100 * min(finite):.2f}..{100 * max(finite):.2f})'
+  assert report.spread(values) == expected
+
+
+def test_summary_over_seeds():
+  rows = []
+  for seed, shift in enumerate([0.0, 0.02, 0.04]):
+    for r in synthetic_rows(diverge=seed == 2, seed=seed):
+      rows.append({**r, 'test_error': r['test_error'] + shift})
+  lines, target = report.run_table(rows)
+  by_key = {tuple(line.split(' | ')[:2]): line for line in lines[2:]}
+  finals = [0.125 + 0.01 + s for s in (0.0, 0.02, 0.04)]  # epoch 3: 0.5 / 4 + 0.01
+  assert by_key[('| sgd', 'balanced')].split(' | ')[4] == report.spread(finals)
+  # sgd unbalanced: seed 2 diverged at epoch 3; left out of the means, counted.
+  line = by_key[('| sgd', 'unbalanced')]
+  assert line.split(' | ')[4] == report.spread(finals[:2])
+  assert line.endswith('| 1/3 (epoch 3) |')
+  assert target == pytest.approx(1.1 * np.mean(finals[:2]))
+
+
+def test_seed_curves_and_divergence():
+  rows = synthetic_rows(diverge=True) + synthetic_rows(seed=1)
+  run = [r for r in rows if r['method'] == 'sgd' and r['init'] == 'unbalanced']
+  epochs, values = report.seed_curves(run, 'test_error')
+  assert epochs.tolist() == [0, 1, 2, 3] and values.shape == (2, 4)
+  assert np.isnan(values[0, 3]) and np.isfinite(values[1]).all()
+  diverged = [report.run_stats(r).diverged_at for r in report.group(run, ('seed',)).values()]
+  assert diverged == [3, None]
+
+
+def test_grid_extension_goes_to_an_interior_choice_or_the_limit():
+  # Validation error falls with the step size up to 10^-5, then rises.
+  def run(alpha):
+    return [0.9, 0.1 + 0.01 * abs(alpha - 5)], False
+
+  candidates, chosen = selection.search(run, [1, 2, 3])
+  assert [c.alpha for c in candidates] == [1, 2, 3, 4, 5, 6] and chosen.alpha == 5
+  assert [c.extended for c in candidates] == [False] * 3 + [True] * 3
+  # The best step is larger than the grid's: extends down to the paper's limit 0.
+  candidates, chosen = selection.search(lambda a: ([0.9, 0.1 + 0.01 * a], False), [2, 3])
+  assert [c.alpha for c in candidates] == [0, 1, 2, 3] and chosen.alpha == 0
+  # Interior: nothing added; and no extension with limits=None.
+  assert len(selection.search(run, [4, 5, 6])[0]) == 3
+  assert len(selection.search(run, [1, 2, 3], limits=None)[0]) == 3
+  # Half steps extend by the grid's spacing.
+  assert selection.search(run, [4, 4.5])[1].alpha == 5
+
+
+def test_writes_are_atomic(tmp_path):
+  path = tmp_path / 'm.csv'
+  report.write_csv(path, report.METRIC_COLUMNS, synthetic_rows())
+  before = path.read_text()
+  with pytest.raises(KeyError):
+    report.write_csv(path, ['dataset', 'no_such_column'], [{'dataset': 'x'}] * 3 + [None])
+  assert path.read_text() == before  # the failed write left the old file
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m.csv']  # no temporary left
+
+
+def test_plot_labels_every_method_of_every_run(tmp_path, capsys):
+  a = synthetic_rows(diverge=True)
+  b = [{**r, 'method': 'adagrad', 'dataset': 'mnist'} for r in synthetic_rows(seed=1)]
+  for name, rows in (('a', a), ('b', b)):
+    (tmp_path / name).mkdir()
+    report.write_csv(tmp_path / name / 'metrics.csv', report.METRIC_COLUMNS, rows)
+  out = tmp_path / 'fig.png'
+  assert cli.main(['plot', str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', str(out)]) == 0
+  assert f'Wrote {out}' in capsys.readouterr().out
+  colors = report.method_colors(['path-sgd', 'sgd', 'adagrad'])
+  labels = [h.get_label() for h in report._legend_handles(colors, a + b)]
+  assert {'path-sgd', 'sgd', 'adagrad', 'diverged (NaN) here'} <= set(labels)

@@ -109,28 +109,55 @@ def _log10_headroom(net: _Net, l: int, margin: float) -> jax.Array:
   return jnp.maximum(jnp.minimum(up, down) - margin, 0.0)
 
 
-def unbalance(key: jax.Array, params: Any, num_units: int, *, layers=None) -> Any:
+#: The factor of one pick of :func:`unbalance`, as ``log10(factor)`` of ``z ~ N(0, 1)``.
+UNBALANCE_SCHEMES = {
+  # The authors' MATLAB code (makeUnbalanced in path-sgd/initialize.m of
+  # lokhande-vishnu/deepcg): scale = 10 * exp(randn).
+  'authors': lambda z: 1.0 + z / math.log(10.0),
+  # 10^exp(z): far harsher than the paper (a unit reaches 1e20 and beyond).
+  'stress': jnp.exp,
+}
+
+
+def unbalance(
+  key: jax.Array, params: Any, num_units: int, *, scheme: str = 'authors', layers=None
+) -> Any:
   """The paper's unbalanced initialisation (Section 5): same function, badly scaled.
 
   Picks ``num_units`` hidden units uniformly with replacement over all hidden layers
-  and applies ``rho_{10^c, v}`` to each, with ``c = exp(z)``, ``z ~ N(0, 1)``: the
-  unit's incoming weights are multiplied by ``10^c`` and its outgoing weights divided
-  by it. A unit picked twice is rescaled twice.
+  and applies ``rho_{c, v}`` (eq. 1) to each: the unit's incoming weights (kernel
+  column and bias) are multiplied by ``c`` and its outgoing weights (row of the next
+  kernel) divided by it. A unit picked twice is rescaled twice (the factors multiply).
+  With ``z ~ N(0, 1)`` drawn per pick, the factor is
 
-  The paper computed in float64. Where a unit's factor would push one of its weights
-  out of the normal range of the params' dtype (beyond 1e38 or below 1e-38 in
-  float32, for ``c`` beyond about 35: a few units in a thousand), the factor is capped
-  so that its weights stay a thousand times inside that range, and the function is
-  kept.
+  - ``scheme='authors'`` (default): ``c = 10 * exp(z)``, as the authors' released MATLAB
+    code does it (``makeUnbalanced`` in ``path-sgd/initialize.m``, github.com/
+    lokhande-vishnu/deepcg), which settles the paper's ambiguous "10c, where c was chosen
+    randomly from log-normal distribution". ``log(c / 10) ~ N(0, 1)``: factors of about
+    1.4 to 74 (two standard deviations). This is the paper's init.
+  - ``scheme='stress'``: ``c = 10^exp(z)``, much harsher than the paper: factors reach
+    1e20 and beyond (a few units in a thousand), so that ``|W|^2`` and the path scales
+    leave the float32 range. It exercises the float32-robust numerics of this library.
+
+  Where a unit's factor would push one of its weights out of the normal range of the
+  params' dtype (beyond 1e38 or below 1e-38 in float32; only ``'stress'`` gets there),
+  the factor is capped so that its weights stay a thousand times inside that range, and
+  the function is kept.
 
   Args:
     key: a ``jax.random`` key.
     params: params pytree of a ReLU MLP with at least one hidden layer.
-    num_units: how many units to pick (the paper: 2000 for two layers of 4000).
+    num_units: how many units to pick, an int >= 0 (the paper: 2000 for two layers of
+      4000, a quarter of the hidden units).
+    scheme: ``'authors'`` or ``'stress'`` (static), see above.
     layers: optional layer key paths from input to output.
 
   Returns:
-    The unbalanced params, same structure and dtypes.
+    The unbalanced params, same structure, shapes and dtypes.
+
+  Raises:
+    ValueError: if the net has no hidden layer, ``num_units`` is not an int >= 0 or
+      ``scheme`` is unknown.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_path
@@ -138,7 +165,12 @@ def unbalance(key: jax.Array, params: Any, num_units: int, *, layers=None) -> An
     >>> skewed = optax_path.unbalance(jax.random.key(0), params, 4)
     >>> bool(jnp.allclose(optax_path.path_norm(skewed), optax_path.path_norm(params)))
     True
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, Path-SGD, NeurIPS 2015, Section 5.
   """
+  if scheme not in UNBALANCE_SCHEMES:
+    raise ValueError(f'scheme must be one of {", ".join(UNBALANCE_SCHEMES)}, got {scheme!r}.')
   net = _Net(params, layers)
   widths = net.hidden_widths
   if not widths:
@@ -147,7 +179,7 @@ def unbalance(key: jax.Array, params: Any, num_units: int, *, layers=None) -> An
     raise ValueError(f'num_units must be an int >= 0, got {num_units!r}.')
   pick_key, exponent_key = jax.random.split(key)
   picks = jax.random.randint(pick_key, (num_units,), 0, sum(widths))
-  decades = jnp.exp(jax.random.normal(exponent_key, (num_units,)))
+  decades = UNBALANCE_SCHEMES[scheme](jax.random.normal(exponent_key, (num_units,)))
   total = jax.ops.segment_sum(decades, picks, num_segments=sum(widths))
   start = 0
   for l, width in enumerate(widths):

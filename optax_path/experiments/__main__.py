@@ -134,7 +134,21 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     help='drop probability of hidden units; retain probability is 1-dropout '
     '(default: 0; paper: 0 and 0.5)',
   )
-  p.add_argument('--seed', type=int, default=0, help='seed of init, split, batches, dropout')
+  p.add_argument(
+    '--seed',
+    type=int,
+    default=0,
+    help='first seed (init, unbalancing, validation split, batches, dropout; default: 0)',
+  )
+  p.add_argument(
+    '--seeds',
+    type=int,
+    nargs='+',
+    metavar='S',
+    help='one number N: train every method and init from N seeds, --seed to --seed+N-1; '
+    'several numbers: these seeds (default: 1). The step sizes are searched on the first '
+    'seed; the summary gives the mean, std and range over the seeds',
+  )
   p.add_argument(
     '--methods',
     nargs='+',
@@ -158,11 +172,22 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)",
   )
   p.add_argument(
+    '--unbalanced-scheme',
+    choices=('authors', 'stress'),
+    default='authors',
+    help="factor of each rescaled unit, z ~ N(0, 1): 'authors' (default), 10*exp(z) as in "
+    "the authors' MATLAB code, the paper's init (factors ~1.4 to 74); 'stress', "
+    '10^exp(z), far harsher than the paper (factors to 1e20 and beyond, beyond the float32 '
+    'range of |W|^2), a test of the float32-robust path scales',
+  )
+  p.add_argument(
     '--alphas',
     type=float,
     nargs='+',
     metavar='ALPHA',
-    help=f'step sizes 10^-alpha to search (default: {show(DEFAULTS["alphas"])}; paper: 0..10)',
+    help=f'step sizes 10^-alpha to search (default: {show(DEFAULTS["alphas"])}; paper: '
+    "0..10); when the chosen one is at an end of the grid, the search goes on one step "
+    'that way until it is interior or reaches 0 or 10',
   )
   p.add_argument(
     '--lr',
@@ -308,6 +333,27 @@ def default_out(dataset: str, dropout: float) -> str:
   return os.path.join('runs', name)
 
 
+def seed_list(
+  first: int, seeds: Sequence[int] | None, parser: argparse.ArgumentParser
+) -> tuple[int, ...]:
+  """The seeds of ``--seed`` and ``--seeds``: a count from ``first``, or a list.
+
+  Example:
+    >>> p = argparse.ArgumentParser()
+    >>> seed_list(0, None, p), seed_list(5, [3], p), seed_list(0, [4, 2], p)
+    ((0,), (5, 6, 7), (4, 2))
+  """
+  if not seeds:
+    return (first,)
+  if len(seeds) == 1:
+    if seeds[0] < 1:
+      parser.error(f'--seeds N needs N >= 1, got {seeds[0]}')
+    return tuple(range(first, first + seeds[0]))
+  if len(set(seeds)) < len(seeds):
+    parser.error(f'--seeds lists a seed twice: {" ".join(map(str, seeds))}')
+  return tuple(seeds)
+
+
 def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
   """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
   if args.paper and args.model != 'mlp':
@@ -330,10 +376,11 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     search_epochs=_pick(args, 'search_epochs'),
     batch_size=_pick(args, 'batch_size'),
     dropout=args.dropout,
-    seed=args.seed,
+    seeds=seed_list(args.seed, args.seeds, parser),
     methods=tuple(dict.fromkeys(args.methods)),
     inits=tuple(dict.fromkeys(args.inits)),
     unbalanced_units=units,
+    unbalanced_scheme=args.unbalanced_scheme,
     alphas=tuple(_pick(args, 'alphas')),
     learning_rates=lrs,
     search_init=args.search_init,
@@ -366,8 +413,11 @@ def plot_command(args: argparse.Namespace) -> None:
   """Combines run directories into one figure (and optionally one summary)."""
   metrics, chosen = report.combine_runs({d: report.load_run(d) for d in args.run_dirs})
   report.plot(metrics, args.out)
+  written = [args.out]
   if args.summary:
     report.write_summary(args.summary, metrics, chosen, [f'Runs: {", ".join(args.run_dirs)}.'])
+    written.append(args.summary)
+  print('Wrote ' + ', '.join(written))
 
 
 def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optax_path._src.rescaling import UNBALANCE_SCHEMES
+
 #: The paper's balanced init: ``N(0, 1/fan_in)`` (untruncated) incoming weights.
 balanced_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
@@ -136,13 +138,18 @@ def path_mode(model: nn.Module, num_features: int) -> dict[str, Any]:
 
 
 def unbalance_channels(
-  key: jax.Array, params: dict, num_units: int, max_decades: float | None = None
+  key: jax.Array,
+  params: dict,
+  num_units: int,
+  max_decades: float | None = None,
+  scheme: str = 'authors',
 ) -> dict:
   """The paper's unbalanced init for the CNN: channels instead of units.
 
   Picks ``num_units`` hidden channels uniformly with replacement over all conv layers
-  and rescales each by ``10^c``, ``c = exp(N(0, 1))``: its kernel slice and bias times
-  the factor, the next layer's input channel (the next conv kernel's, or the dense
+  and rescales each by the factor of :func:`optax_path.unbalance` (``scheme='authors'``:
+  ``10 exp(z)``; ``'stress'``: ``10^exp(z)``, ``z ~ N(0, 1)``): its kernel slice and bias
+  times the factor, the next layer's input channel (the next conv kernel's, or the dense
   kernel's rows of that channel) divided by it. The function is kept.
 
   Args:
@@ -151,6 +158,7 @@ def unbalance_channels(
     num_units: How many channels to pick.
     max_decades: Optional cap on a channel's total ``log10`` factor (keep the weights
       inside the float range, e.g. 30 in float32).
+    scheme: ``'authors'`` or ``'stress'``.
 
   Returns:
     The unbalanced params.
@@ -159,9 +167,8 @@ def unbalance_channels(
   widths = [params[k]['kernel'].shape[-1] for k in convs]
   pick_key, decade_key = jax.random.split(key)
   picks = jax.random.randint(pick_key, (num_units,), 0, sum(widths))
-  decades = jax.ops.segment_sum(
-    jnp.exp(jax.random.normal(decade_key, (num_units,))), picks, num_segments=sum(widths)
-  )
+  log10_factors = UNBALANCE_SCHEMES[scheme](jax.random.normal(decade_key, (num_units,)))
+  decades = jax.ops.segment_sum(log10_factors, picks, num_segments=sum(widths))
   if max_decades is not None:
     decades = jnp.minimum(decades, max_decades)
   params = dict(params)

@@ -1,9 +1,11 @@
 """The experiments of Section 5: step-size search, then the final runs of every method.
 
 For one data set: each method's step size is chosen on a validation split (the paper's
-rule), then every method is trained from the balanced and the unbalanced initialisation
-on the whole training set, and ``metrics.csv``, ``selection.csv``, ``figure.png`` and
-``summary.md`` are written.
+rule, on the first seed), then every method is trained from the balanced and the
+unbalanced initialisation on the whole training set, once per seed (each seed draws its
+own init, unbalancing, batch order and dropout masks), and ``metrics.csv``,
+``selection.csv``, ``figure.png`` (and ``figure3.png`` with dropout) and ``summary.md``
+are written. The CSV files are rewritten (atomically) after every finished run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from optax_path.experiments.training import (
   init_optimizer,
   make_evaluate,
   make_optimizer,
-  make_train_step,
+  make_train_epoch,
   to_device,
   train,
 )
@@ -34,6 +36,13 @@ from optax_path.experiments.training import (
 
 def show(values: Sequence[float]) -> str:
   return ' '.join(f'{v:g}' for v in values)
+
+
+#: How ``summary.md`` names the unbalanced init's factor.
+SCHEME_TEXT = {
+  'authors': "the authors' factor 10 exp(z), z ~ N(0, 1) (the paper's init)",
+  'stress': 'the stress factor 10^exp(z), z ~ N(0, 1) (far harsher than the paper)',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +57,11 @@ class Config:
   search_epochs: int
   batch_size: int
   dropout: float
-  seed: int
+  seeds: tuple[int, ...]
   methods: tuple[str, ...]
   inits: tuple[str, ...]
   unbalanced_units: int
+  unbalanced_scheme: str
   alphas: tuple[float, ...]
   learning_rates: dict[str, float]
   search_init: str
@@ -64,7 +74,7 @@ class Experiment:
   """The data, model and jitted functions shared by all runs of a ``reproduce``."""
 
   def __init__(self, config: Config, dataset: data.Dataset):
-    """Puts the data on the device and draws the initial parameters.
+    """Puts the data on the device and builds the model.
 
     Args:
       config: The settings.
@@ -72,11 +82,11 @@ class Experiment:
     """
     self.config = config
     self.dataset = dataset
-    image_shape = dataset.train_images.shape[1:]
+    self.image_shape = dataset.train_images.shape[1:]
     self.model = models.make_model(
-      config.model, config.hidden, dataset.num_classes, config.dropout, image_shape
+      config.model, config.hidden, dataset.num_classes, config.dropout, self.image_shape
     )
-    self.mode = models.path_mode(self.model, math.prod(image_shape))
+    self.mode = models.path_mode(self.model, math.prod(self.image_shape))
     num_train, num_test = len(dataset.train_labels), len(dataset.test_labels)
     self.evaluate = make_evaluate(self.model, min(EVAL_CHUNK, num_train))
     self.data = to_device(
@@ -86,59 +96,62 @@ class Experiment:
     )
     self.train = np.arange(num_train)
     self.test = num_train + np.arange(num_test)
-    self.fit, self.val = selection.split_validation(num_train, config.seed)
-    self.params = initial_params(config, self.model, dataset.train_images.shape[1:])
+    self.fit, self.val = selection.split_validation(num_train, config.seeds[0])
+    self._methods: dict[str, tuple] = {}
 
-  def spec(self, train_step, search: bool) -> RunSpec:
+  def method(self, name: str) -> tuple:
+    """``(transformation, jitted train step)`` of a method, built once."""
+    if name not in self._methods:
+      tx = make_optimizer(name, self.mode)
+      self._methods[name] = (tx, make_train_epoch(self.model, tx))
+    return self._methods[name]
+
+  def spec(self, train_epoch, search: bool, seed: int) -> RunSpec:
     """The run specification of a search run or a final run."""
     c = self.config
     if search:
-      return RunSpec(
-        train_step,
-        self.evaluate,
-        self.data,
-        self.fit,
-        {'val': self.val},
-        c.search_epochs,
-        c.batch_size,
-        c.seed,
-      )
-    evals = {'train': self.train, 'test': self.test}
+      evals, train, epochs = {'val': self.val}, self.fit, c.search_epochs
+    else:
+      evals, train, epochs = {'train': self.train, 'test': self.test}, self.train, c.epochs
     return RunSpec(
-      train_step, self.evaluate, self.data, self.train, evals, c.epochs, c.batch_size, c.seed
+      train_epoch, self.evaluate, self.data, train, evals, epochs, c.batch_size, seed
     )
 
 
-def initial_params(config: Config, model, input_shape: Sequence[int]) -> dict:
-  """The balanced and (if asked for) unbalanced initial parameters, by init name.
+def initial_params(config: Config, model, input_shape: Sequence[int], seed: int) -> dict:
+  """The balanced and (if asked for) unbalanced initial parameters of a seed, by init.
 
   The MLP is unbalanced by :func:`optax_path.unbalance`; the CNN by rescaling channels
   (:func:`models.unbalance_channels`), capped at 1e30 in float32.
   """
-  key_init, key_unbalance = jax.random.split(jax.random.key(config.seed))
+  key_init, key_unbalance = jax.random.split(jax.random.key(seed))
   balanced = models.init_params(model, key_init, input_shape)
   params = {'balanced': jax.tree.map(lambda x: x.astype(config.dtype), balanced)}
   if 'unbalanced' in config.inits:
     if isinstance(model, models.MLP):
-      unbalance = optax_path.unbalance
+      unbalance = functools.partial(optax_path.unbalance, scheme=config.unbalanced_scheme)
     else:
       cap = 30.0 if config.dtype == 'float32' else None
-      unbalance = functools.partial(models.unbalance_channels, max_decades=cap)
+      unbalance = functools.partial(
+        models.unbalance_channels, max_decades=cap, scheme=config.unbalanced_scheme
+      )
     unbalance = jax.jit(unbalance, static_argnums=2)
     params['unbalanced'] = unbalance(key_unbalance, params['balanced'], config.unbalanced_units)
   return params
 
 
-def search_method(exp: Experiment, method: str, tx, train_step, init: str) -> list[dict]:
-  """The step-size search of one method on one init; returns selection.csv rows."""
-  spec = exp.spec(train_step, search=True)
+def search_method(exp: Experiment, method: str, params: dict, init: str) -> list[dict]:
+  """The step-size search of one method on one init (first seed); selection.csv rows."""
+  tx, train_epoch = exp.method(method)
+  seed = exp.config.seeds[0]
+  spec = exp.spec(train_epoch, search=True, seed=seed)
 
   def run(alpha: float) -> tuple[list[float], bool]:
     lr = selection.learning_rate(alpha)
     history = train(
       spec,
-      exp.params[init],
-      init_optimizer(tx, exp.params[init], lr),
+      params[init],
+      init_optimizer(tx, params[init], lr),
       desc=f'search {method} {init} lr=1e-{alpha:g}',
       progress=not exp.config.quiet,
     )
@@ -151,26 +164,30 @@ def search_method(exp: Experiment, method: str, tx, train_step, init: str) -> li
       'dataset': exp.dataset.name,
       'method': method,
       'init': init,
+      'seed': seed,
       'alpha': c.alpha,
       'learning_rate': c.learning_rate,
       'best_val_error': c.best_error,
       'best_epoch': c.best_epoch,
       'final_val_error': c.final_error,
       'diverged': int(c.diverged),
+      'extended': int(c.extended),
       'chosen': int(c is chosen),
     }
     for c in candidates
   ]
 
 
-def final_run(exp: Experiment, method: str, tx, train_step, init: str, lr: float) -> list[dict]:
-  """Trains on the whole training set; returns metrics.csv rows."""
-  params = exp.params[init]
+def final_run(
+  exp: Experiment, method: str, params: dict, init: str, lr: float, seed: int
+) -> list[dict]:
+  """Trains on the whole training set from ``params[init]``; returns metrics.csv rows."""
+  tx, train_epoch = exp.method(method)
   history = train(
-    exp.spec(train_step, search=False),
-    params,
-    init_optimizer(tx, params, lr),
-    desc=f'{method} {init} lr={lr:.0e}',
+    exp.spec(train_epoch, search=False, seed=seed),
+    params[init],
+    init_optimizer(tx, params[init], lr),
+    desc=f'{method} {init} seed {seed} lr={lr:.0e}',
     progress=not exp.config.quiet,
   )
   base = {
@@ -178,34 +195,29 @@ def final_run(exp: Experiment, method: str, tx, train_step, init: str, lr: float
     'method': method,
     'init': init,
     'dropout': exp.config.dropout,
+    'seed': seed,
     'learning_rate': lr,
   }
   return [{**base, **h} for h in history]
 
 
-def run_method(exp: Experiment, method: str) -> tuple[list[dict], list[dict]]:
-  """Step-size search (unless fixed by ``--lr``) and final runs of one method.
+def choose_steps(exp: Experiment, method: str, params: dict) -> tuple[dict, list[dict]]:
+  """Each init's step size of a method: fixed by ``--lr``, else searched.
 
   Returns:
-    ``(metrics rows, selection rows)``.
+    ``({init: step size}, selection rows)``.
   """
   c = exp.config
-  tx = make_optimizer(method, exp.mode)
-  train_step = make_train_step(exp.model, tx)
   search_inits = ('balanced',) if c.search_init == 'balanced' else c.inits
-  lrs, chosen_rows = {}, []
+  lrs, rows = {}, []
   for init in search_inits:
     if method in c.learning_rates:
       lrs[init] = c.learning_rates[method]
       continue
-    rows = search_method(exp, method, tx, train_step, init)
-    chosen_rows += rows
-    lrs[init] = next(r['learning_rate'] for r in rows if r['chosen'])
-  metrics = []
-  for init in c.inits:
-    lr = lrs.get(init, lrs.get('balanced'))
-    metrics += final_run(exp, method, tx, train_step, init, lr)
-  return metrics, chosen_rows
+    found = search_method(exp, method, params, init)
+    rows += found
+    lrs[init] = next(r['learning_rate'] for r in found if r['chosen'])
+  return {init: lrs.get(init, lrs.get('balanced')) for init in c.inits}, rows
 
 
 def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]:
@@ -222,14 +234,17 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
     (
       f'Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. '
       f'{_network(config)}, batch {config.batch_size}, '
-      f'{config.epochs} epochs, dropout {config.dropout:g}, seed {config.seed}, {config.dtype}. '
-      f'Unbalanced init: {config.unbalanced_units} hidden units rescaled.'
+      f'{config.epochs} epochs, dropout {config.dropout:g}, {config.dtype}, '
+      f'seeds {show(config.seeds)}. Unbalanced init: {config.unbalanced_units} hidden '
+      f'units rescaled, {SCHEME_TEXT[config.unbalanced_scheme]}.'
     ),
     '',
     (
       f'Step sizes 10^-alpha, alpha in {{{show(config.alphas)}}}, chosen {search}: '
       f'{config.search_epochs} epochs on {n - val} examples, validation on the other {val} '
-      f'(lowest validation error, reached first). Fixed by --lr: {fixed}.'
+      f'(lowest validation error, reached first; the grid extended one step at a time '
+      f'while the choice was at its end, within 0..10), on seed {config.seeds[0]}. Fixed '
+      f'by --lr: {fixed}.'
     ),
     '',
     f'Wall time: {seconds:.0f} s.',
@@ -242,27 +257,47 @@ def _network(config: Config) -> str:
   return f'ReLU CNN, 3x3 conv layers of {show(config.hidden)} channels with 2x2 average pooling'
 
 
-def reproduce(config: Config) -> None:
-  """Runs the experiment and writes its four outputs to ``config.out``."""
+def reproduce(config: Config) -> list[str]:
+  """Runs the experiment and writes its outputs to ``config.out``.
+
+  Returns:
+    The paths written.
+  """
   start = time.perf_counter()
   dataset = data.load_dataset(config.dataset, config.data_dir)
   with jax.enable_x64(config.dtype == 'float64'):
     metrics, chosen = run_all(config, dataset)
-  report.plot(metrics, os.path.join(config.out, 'figure.png'))
+  written = [os.path.join(config.out, n) for n in ('metrics.csv', 'selection.csv')]
+  written += report.plot_figures(metrics, config.out)
   lines = preamble(config, dataset, time.perf_counter() - start)
-  report.write_summary(os.path.join(config.out, 'summary.md'), metrics, chosen, lines)
-  if not config.quiet:
-    print(f'Wrote metrics.csv, selection.csv, figure.png, summary.md to {config.out}')
+  summary = os.path.join(config.out, 'summary.md')
+  report.write_summary(summary, metrics, chosen, lines)
+  written.append(summary)
+  print('Wrote ' + ', '.join(written))
+  return written
 
 
 def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
-  """Runs every method, rewriting the two CSV files after each; returns their rows."""
+  """Runs every seed and method, rewriting the two CSV files after each run.
+
+  The step sizes are chosen on the first seed and used for all seeds.
+
+  Returns:
+    ``(metrics rows, selection rows)``.
+  """
   exp = Experiment(config, dataset)
   os.makedirs(config.out, exist_ok=True)
-  metrics, chosen = [], []
-  for method in config.methods:
-    rows, sel = run_method(exp, method)
-    metrics, chosen = metrics + rows, chosen + sel
-    report.write_csv(os.path.join(config.out, 'metrics.csv'), report.METRIC_COLUMNS, metrics)
-    report.write_csv(os.path.join(config.out, 'selection.csv'), report.SELECTION_COLUMNS, chosen)
+  metrics, chosen, steps = [], [], {}
+  for seed in config.seeds:
+    params = initial_params(config, exp.model, exp.image_shape, seed)
+    for method in config.methods:
+      if method not in steps:
+        steps[method], rows = choose_steps(exp, method, params)
+        chosen += rows
+        report.write_csv(
+          os.path.join(config.out, 'selection.csv'), report.SELECTION_COLUMNS, chosen
+        )
+      for init in config.inits:
+        metrics += final_run(exp, method, params, init, steps[method][init], seed)
+        report.write_csv(os.path.join(config.out, 'metrics.csv'), report.METRIC_COLUMNS, metrics)
   return metrics, chosen

@@ -3,16 +3,19 @@
 ``metrics.csv`` has one row per (method, init, epoch), epoch 0 being the initial net;
 ``selection.csv`` one row per (method, step size) tried in the step-size search. The
 figure follows the paper's Figures 2 and 3: cross-entropy on the training set (log
-scale), 0/1 training error and 0/1 test error against epochs, a row per data set.
+scale), 0/1 training error and 0/1 test error against epochs, a row per data set, with
+a zoom on the final test error; seeds are drawn as bands and divergence is marked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +24,7 @@ METRIC_COLUMNS = (
   'method',
   'init',
   'dropout',
+  'seed',
   'learning_rate',
   'epoch',
   'train_loss',
@@ -32,12 +36,14 @@ SELECTION_COLUMNS = (
   'dataset',
   'method',
   'init',
+  'seed',
   'alpha',
   'learning_rate',
   'best_val_error',
   'best_epoch',
   'final_val_error',
   'diverged',
+  'extended',
   'chosen',
 )
 #: Columns of the figure: (metric, title, log-scale y).
@@ -51,17 +57,38 @@ AGREEMENT_TOLERANCE = 1e-3
 #: Target test error of the summary: this times the best final test error.
 TARGET_FACTOR = 1.1
 _TEXT_COLUMNS = ('dataset', 'method', 'init')
-_INT_COLUMNS = ('epoch', 'best_epoch', 'chosen', 'diverged')
+_INT_COLUMNS = ('epoch', 'best_epoch', 'chosen', 'diverged', 'seed', 'extended')
 
 Row = dict[str, Any]
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = 'w', **kwargs: Any):
+  """Opens a temporary file beside ``path`` that replaces ``path`` when closed.
+
+  A reader (or a crash) never sees a truncated or half-written file: ``path`` holds
+  either its old or its new content.
+  """
+  directory = os.path.dirname(os.fspath(path)) or '.'
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, mode, **kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
 def write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Row]) -> None:
-  """Writes rows (dicts) with the given columns; floats at full precision."""
-  with open(path, 'w', newline='') as f:
+  """Writes rows (dicts) with the given columns, atomically; floats at full precision.
+
+  A column a row lacks is written empty (e.g. ``seed`` in rows from older runs).
+  """
+  with atomic_open(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
     writer.writeheader()
-    writer.writerows({k: _format(row[k]) for k in columns} for row in rows)
+    writer.writerows({k: _format(row.get(k, '')) for k in columns} for row in rows)
 
 
 def _format(value: Any) -> Any:
@@ -77,6 +104,8 @@ def read_csv(path: str | os.PathLike[str]) -> list[Row]:
 def _parse(column: str, value: str) -> Any:
   if column in _TEXT_COLUMNS:
     return value
+  if column == 'seed' and value == '':
+    return 0  # runs from before the seed column had one seed, 0
   if column in _INT_COLUMNS:
     return int(value)
   return float(value)
@@ -122,67 +151,197 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
   return {m: f'C{i % 10}' for i, m in enumerate(order)}
 
 
-def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
-  """Draws the paper-style figure: a row per (data set, dropout), three metrics.
+def plot_figures(rows: Sequence[Row], out_dir: str | os.PathLike[str]) -> list[str]:
+  """Draws ``figure.png`` of a run directory (see :func:`plot`); returns its path."""
+  path = os.path.join(out_dir, 'figure.png')
+  plot(rows, path)
+  return [path]
 
-  Same colour per method, solid for the balanced and dashed for the unbalanced init.
-  The axes are fitted to the balanced-init curves (the error axes after epoch 0), so
-  that, as in the paper, very poor unbalanced runs may leave the plot.
+
+def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
+  """Draws the paper-style figure: a row per experiment (data set, dropout, run).
+
+  Columns: training cross-entropy (log scale), 0/1 training error and 0/1 test error
+  over all epochs with y-ranges that hold every finite value (so failed runs show, as
+  in the paper), and a zoom on the test error of the last half of the epochs, fitted to
+  the runs that end within 1.5 times the best final error (the others are listed in the
+  panel as off scale). Same colour per method; solid for the balanced and dashed for
+  the unbalanced init. With several seeds, a line is the mean over the seeds that have
+  not diverged by that epoch and the band their min..max. A run whose metrics became
+  NaN or infinite is marked with an ``x`` at the top of each panel at that epoch.
+  Each row is headed by its experiment (data set; dropout and Figure 3 for dropout
+  runs). Written atomically.
 
   Args:
     rows: Rows of ``metrics.csv`` (possibly of several runs).
-    path: Output image file.
+    path: Output image file (its format from the suffix).
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
   datasets = experiments(rows)
   colors = method_colors(r['method'] for r in rows)
-  fig = Figure(figsize=(17, 3.4 * len(datasets)), layout='constrained')
+  fig = Figure(figsize=(19, 3.9 * len(datasets) + 0.8), layout='constrained')
   FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend.
-  axes = fig.subplots(len(datasets), 3, squeeze=False)
-  for ax_row, (title, drows) in zip(axes, datasets.items()):
-    for (method, init), run in group(drows, ('method', 'init')).items():
-      style = _line_style(colors[method], init)
-      for ax, (metric, _, _) in zip(ax_row, PANELS):
-        epochs, values = curve(run, metric)
-        values[~np.isfinite(values)] = np.nan
-        ax.plot(epochs, values, label=f'{method} ({init})', **style)
-    _style_row(ax_row, drows, title)
-  fig.legend(*axes[0, -1].get_legend_handles_labels(), loc='outside right center', fontsize='small')
-  fig.savefig(path, dpi=110)
+  subfigs = np.atleast_1d(fig.subfigures(len(datasets), 1))
+  for subfig, (title, drows) in zip(subfigs, datasets.items()):
+    axes = subfig.subplots(1, len(PANELS) + 1)
+    runs = group(drows, ('method', 'init'))
+    for (method, init), run in runs.items():
+      for ax, (metric, _, _) in zip(axes, PANELS):
+        _draw_run(ax, run, metric, colors[method], init)
+      _draw_run(axes[-1], run, 'test_error', colors[method], init)
+    _style_row(axes, drows)
+    _zoom(axes[-1], runs)
+    subfig.suptitle(_row_heading(title, drows), fontsize='x-large', fontweight='bold')
+  fig.legend(
+    handles=_legend_handles(colors, rows), loc='outside lower center', ncols=8, fontsize='medium'
+  )
+  suffix = os.path.splitext(os.fspath(path))[1] or '.png'
+  with atomic_open(path, 'wb') as f:
+    fig.savefig(f, dpi=100, format=suffix[1:])
+
+
+def _row_heading(title: str, rows: Sequence[Row]) -> str:
+  """``Fashion-MNIST ...`` with the seeds, and the paper's figure the row corresponds to."""
+  seeds = len({r.get('seed', 0) for r in rows})
+  dropout = any(r['dropout'] for r in rows)
+  figure = 'like the paper\'s Figure 3 (dropout)' if dropout else "like the paper's Figure 2"
+  return f'{title}: {seeds} seed{"s" * (seeds > 1)}, {figure}'
+
+
+def seed_curves(run: Sequence[Row], metric: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(epochs, values)`` of a metric for every seed of one (method, init).
+
+  Returns:
+    ``epochs`` ``(E,)`` (all epochs of the longest seed) and ``values`` ``(seeds, E)``,
+    NaN where a seed has no finite value (after it diverged).
+  """
+  seeds = group(run, ('seed',))
+  epochs = np.unique([r['epoch'] for r in run])
+  values = np.full((len(seeds), len(epochs)), np.nan)
+  for i, seed_rows in enumerate(seeds.values()):
+    e, v = curve(seed_rows, metric)
+    values[i, np.searchsorted(epochs, e)] = np.where(np.isfinite(v), v, np.nan)
+  return epochs, values
+
+
+def _draw_run(ax: Any, run: Sequence[Row], metric: str, color: str, init: str) -> None:
+  """One (method, init): mean line, min..max band over seeds, x where a seed diverged."""
+  epochs, values = seed_curves(run, metric)
+  ok = np.isfinite(values)
+  mean = np.where(ok.any(0), np.nansum(values, 0) / np.maximum(ok.sum(0), 1), np.nan)
+  ax.plot(epochs, mean, **_line_style(color, init))
+  if len(values) > 1:
+    low = np.where(ok.any(0), np.nanmin(np.where(ok, values, np.inf), 0), np.nan)
+    high = np.where(ok.any(0), np.nanmax(np.where(ok, values, -np.inf), 0), np.nan)
+    ax.fill_between(epochs, low, high, color=color, alpha=0.15, lw=0)
+  for seed_rows in group(run, ('seed',)).values():
+    stats = run_stats(seed_rows)
+    if stats.diverged_at is not None:
+      ax.plot(
+        stats.diverged_at,
+        0.96,
+        marker='x',
+        ms=11,
+        mew=2.5,
+        color=color,
+        transform=ax.get_xaxis_transform(),
+        clip_on=False,
+      )
 
 
 def _line_style(color: str, init: str) -> dict[str, Any]:
   """Solid (wide, so that a coinciding dashed curve shows) or dashed."""
   if init == 'balanced':
-    return {'color': color, 'ls': '-', 'lw': 2.4, 'alpha': 0.55}
-  return {'color': color, 'ls': '--', 'lw': 1.3}
+    return {'color': color, 'ls': '-', 'lw': 2.6, 'alpha': 0.6}
+  return {'color': color, 'ls': '--', 'lw': 1.4}
 
 
-def _style_row(ax_row: Sequence[Any], rows: Sequence[Row], title: str) -> None:
-  for ax, (metric, label, log) in zip(ax_row, PANELS):
+def _legend_handles(colors: dict[str, str], rows: Sequence[Row]) -> list[Any]:
+  """Methods (colours) of every run, then inits (line styles), band and divergence."""
+  from matplotlib.lines import Line2D
+  from matplotlib.patches import Patch
+
+  methods = dict.fromkeys(r['method'] for r in rows)
+  inits = dict.fromkeys(r['init'] for r in rows)
+  handles = [Line2D([], [], color=colors[m], lw=3, label=m) for m in methods]
+  handles += [Line2D([], [], **_line_style('0.3', i), label=f'{i} init') for i in inits]
+  if len({r.get('seed', 0) for r in rows}) > 1:
+    handles.append(Patch(color='0.3', alpha=0.15, label='min..max over seeds (line: mean)'))
+  handles.append(
+    Line2D([], [], ls='', marker='x', ms=9, mew=2.5, color='0.3', label='diverged (NaN) here')
+  )
+  return handles
+
+
+def _style_row(axes: Sequence[Any], rows: Sequence[Row]) -> None:
+  """Titles, labels and y-ranges that hold every finite value."""
+  for ax, (metric, label, log) in zip(axes, PANELS):
     ax.set_title(label)
+    values = np.array([r[metric] for r in rows], float)
+    values = values[np.isfinite(values)]
+    if log:
+      ax.set_yscale('log')
+      positive = values[values > 0]
+      if positive.size:
+        ax.set_ylim(0.7 * positive.min(), 1.5 * positive.max())
+    else:
+      top = min(1.0, values.max()) if values.size else 1.0
+      ax.set_ylim(0, 1.08 * top)
+  for ax in axes:
     ax.set_xlabel('epoch')
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    values = _balanced_values(rows, metric, first_epoch=0 if log else 1)
-    if log:
-      ax.set_yscale('log')
-      if values.size and values.min() > 0:
-        ax.set_ylim(0.5 * values.min(), 2.0 * values.max())
-    elif values.size:
-      ax.set_ylim(0, min(1.0, 1.1 * values.max()) or 1.0)
-  ax_row[0].set_ylabel(title)
 
 
-def _balanced_values(rows: Sequence[Row], metric: str, first_epoch: int) -> np.ndarray:
-  """Finite values of the balanced-init runs from ``first_epoch`` on (the axis range)."""
+def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
+  """Fits the last panel to the last half of the epochs of the runs that end well.
+
+  A (method, init) is in range when its mean final test error is within 1.5 times the
+  lowest one; the others are listed in the panel with their mean final error.
+  """
+  finals, last = {}, 0
+  for key, run in runs.items():
+    stats = [run_stats(r) for r in group(run, ('seed',)).values()]
+    values = [s.final_test_error for s in stats]
+    finals[key] = np.mean(values) if all(map(math.isfinite, values)) else math.nan
+    last = max(last, max(int(r['epoch']) for r in run))
+  good = [v for v in finals.values() if math.isfinite(v)]
+  if not good:
+    return
+  limit = 1.5 * min(good)
+  shown = [k for k, v in finals.items() if math.isfinite(v) and v <= limit]
+  first = last // 2
   values = np.array(
-    [r[metric] for r in rows if r['init'] == 'balanced' and r['epoch'] >= first_epoch],
-    float,
+    [
+      v
+      for k in shown
+      for r in runs[k]
+      if r['epoch'] >= first and math.isfinite(v := r['test_error'])
+    ]
   )
-  return values[np.isfinite(values)]
+  if values.size:
+    pad = 0.1 * max(values.max() - values.min(), 1e-3)
+    ax.set_ylim(values.min() - pad, values.max() + pad)
+  ax.set_xlim(first, last + 0.3)
+  ax.set_title(f'0/1 test error, zoom on epochs {first}..{last}')
+  off = [
+    f'{m} ({i}): ' + ('diverged' if not math.isfinite(v) else f'{v:.1%}')
+    for (m, i), v in finals.items()
+    if (m, i) not in shown
+  ]
+  if off:
+    ax.text(
+      0.98,
+      0.97,
+      'off scale (final):\n' + '\n'.join(off),
+      transform=ax.transAxes,
+      ha='right',
+      va='top',
+      fontsize='small',
+      bbox={'facecolor': 'white', 'alpha': 0.85, 'edgecolor': '0.7'},
+    )
 
 
 def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str]) -> dict:
@@ -210,58 +369,135 @@ def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str
 
 
 def path_sgd_agreement(rows: Sequence[Row], method: str = 'path-sgd') -> dict | None:
-  """Max difference between the balanced and unbalanced runs of ``method``.
+  """Max difference between the balanced and unbalanced runs of ``method``, over seeds.
 
   Returns:
-    ``{metric: difference}`` for the metrics of :data:`PANELS`, or None if one of the
-    two runs is missing.
+    ``{metric: largest difference over the seeds}`` for the metrics of :data:`PANELS`,
+    or None if no seed has both runs.
   """
-  runs = group((r for r in rows if r['method'] == method), ('init',))
-  if ('balanced',) not in runs or ('unbalanced',) not in runs:
-    return None
-  metrics = [m for m, _, _ in PANELS]
-  return max_abs_difference(runs[('balanced',)], runs[('unbalanced',)], metrics)
+  out = None
+  for (_,), seed_rows in group((r for r in rows if r['method'] == method), ('seed',)).items():
+    runs = group(seed_rows, ('init',))
+    if ('balanced',) not in runs or ('unbalanced',) not in runs:
+      continue
+    metrics = [m for m, _, _ in PANELS]
+    diff = max_abs_difference(runs[('balanced',)], runs[('unbalanced',)], metrics)
+    out = diff if out is None else {m: max(out[m], diff[m]) for m in metrics}
+  return out
 
 
 def _fmt(value: float, spec: str = '.4f') -> str:
   return format(value, spec) if math.isfinite(value) else str(value)
 
 
+class RunStats(NamedTuple):
+  """The summary numbers of one seed's run (one method, one init).
+
+  Attributes:
+    final_test_error: Test error at the last epoch (NaN if it diverged).
+    best_test_error: Lowest finite test error over the epochs (NaN if none).
+    final_train_loss: Training cross-entropy at the last epoch.
+    diverged_at: The epoch whose metrics became NaN or infinite, or None.
+    errors: ``(epochs, test errors)`` of the run.
+  """
+
+  final_test_error: float
+  best_test_error: float
+  final_train_loss: float
+  diverged_at: int | None
+  errors: tuple[np.ndarray, np.ndarray]
+
+
+def run_stats(run: Sequence[Row]) -> RunStats:
+  """The summary numbers of one run (the rows of one method, init and seed)."""
+  run = sorted(run, key=lambda r: r['epoch'])
+  last = run[-1]
+  epochs, errors = curve(run, 'test_error')
+  finite = np.isfinite(errors)
+  metrics = [m for m, _, _ in PANELS]
+  diverged = not all(math.isfinite(last[m]) for m in metrics)
+  return RunStats(
+    last['test_error'],
+    float(errors[finite].min()) if finite.any() else math.nan,
+    last['train_loss'],
+    int(last['epoch']) if diverged else None,
+    (epochs, errors),
+  )
+
+
+def epochs_to(stats: RunStats, target: float) -> int | None:
+  """First epoch with test error <= ``target``, or None."""
+  epochs, errors = stats.errors
+  reached = np.flatnonzero(np.isfinite(errors) & (errors <= target))
+  return int(epochs[reached[0]]) if reached.size else None
+
+
+def spread(values: Sequence[float], spec: str = '.2%') -> str:
+  """``mean ± std (min..max)`` of the finite values; just the value for one.
+
+  The std is the sample standard deviation (``ddof=1``). Non-finite values are left
+  out (the caller reports them, e.g. as diverged runs).
+
+  Example:
+    >>> spread([0.1, 0.2, 0.3])
+    '20.00% ± 10.00 (10.00..30.00)'
+    >>> spread([0.25]), spread([float("nan")])
+    ('25.00%', 'n/a')
+  """
+  x = np.array([v for v in values if math.isfinite(v)], float)
+  if not x.size:
+    return 'n/a'
+  percent = spec.endswith('%')
+  scale, plain = (100.0, spec[:-1] + 'f') if percent else (1.0, spec)
+  if x.size == 1:
+    return format(x[0], spec)
+  mean, std = format(x.mean(), spec), format(scale * x.std(ddof=1), plain)
+  return f'{mean} ± {std} ({format(scale * x.min(), plain)}..{format(scale * x.max(), plain)})'
+
+
 def run_table(rows: Sequence[Row]) -> tuple[list[str], float]:
-  """The summary table of one data set (markdown lines) and its target test error."""
-  runs = group(rows, ('method', 'init'))
-  finals = [max(r, key=lambda x: x['epoch'])['test_error'] for r in runs.values()]
-  finite = [e for e in finals if math.isfinite(e)]
-  target = TARGET_FACTOR * min(finite) if finite else math.nan
+  """The summary table of one experiment (markdown lines) and its target test error.
+
+  One line per (method, init), over its seeds: the mean, sample std and range of the
+  final and best test error, the final training loss and the epochs to the target
+  (the seeds that reach it), and the seeds that diverged. The target is
+  :data:`TARGET_FACTOR` times the lowest mean final test error of the lines.
+  """
+  runs = {
+    key: [run_stats(r) for r in group(g, ('seed',)).values()]
+    for key, g in group(rows, ('method', 'init')).items()
+  }
+  means = [
+    float(np.mean(finals)) for s in runs.values()
+    if (finals := [x.final_test_error for x in s if math.isfinite(x.final_test_error)])
+  ]
+  target = TARGET_FACTOR * min(means) if means else math.nan
   lines = [
     (
-      '| method | init | step size | final train loss | final train error '
-      '| final test error | best test error (epoch) | epochs to target |'
+      '| method | init | step size | seeds | final test error | best test error '
+      '| final train loss | epochs to target | diverged |'
     ),
-    '|---|---|---|---|---|---|---|---|',
+    '|---|---|---|---|---|---|---|---|---|',
   ]
-  for (method, init), run in runs.items():
-    lines.append(_table_line(method, init, sorted(run, key=lambda x: x['epoch']), target))
+  for (method, init), stats in runs.items():
+    step = max(r['learning_rate'] for r in rows if r['method'] == method and r['init'] == init)
+    lines.append(_table_line(method, init, step, stats, target))
   return lines, target
 
 
-def _table_line(method: str, init: str, run: Sequence[Row], target: float) -> str:
-  last = run[-1]
-  errors = np.array([r['test_error'] for r in run], float)
-  ok = np.isfinite(errors)
-  best = (
-    f'{errors[ok].min():.4f} ({int(np.flatnonzero(errors == errors[ok].min())[0])})'
-    if ok.any()
-    else 'nan'
+def _table_line(method: str, init: str, step: float, stats: list[RunStats], target: float) -> str:
+  n = len(stats)
+  reached = [e for e in (epochs_to(s, target) for s in stats) if e is not None]
+  to_target = (
+    f'{spread(reached, ".1f")} ({len(reached)}/{n} seeds)' if reached else f'not reached (0/{n})'
   )
-  reached = np.flatnonzero(ok & (errors <= target))
-  to_target = str(int(run[reached[0]]['epoch'])) if reached.size else 'not reached'
-  final_test = _fmt(last['test_error'])
-  if not math.isfinite(last['train_loss']):
-    final_test += f' (diverged, epoch {last["epoch"]})'
+  diverged = [s.diverged_at for s in stats if s.diverged_at is not None]
+  where = f'{len(diverged)}/{n} (epoch {", ".join(map(str, diverged))})' if diverged else f'0/{n}'
   return (
-    f'| {method} | {init} | {last["learning_rate"]:.0e} | {_fmt(last["train_loss"], ".4g")} '
-    f'| {_fmt(last["train_error"])} | {final_test} | {best} | {to_target} |'
+    f'| {method} | {init} | {step:.0e} | {n} '
+    f'| {spread([s.final_test_error for s in stats])} '
+    f'| {spread([s.best_test_error for s in stats])} '
+    f'| {spread([s.final_train_loss for s in stats], ".4f")} | {to_target} | {where} |'
   )
 
 
@@ -279,7 +515,7 @@ def agreement_line(rows: Sequence[Row]) -> str | None:
   parts = ', '.join(f'{m} {v:.2e}' for m, v in diff.items())
   return (
     'Path-SGD balanced vs unbalanced init (Theorem 4.1: identical curves), largest '
-    f'absolute difference over epochs: {parts}: {verdict}.'
+    f'absolute difference over epochs and seeds: {parts}: {verdict}.'
   )
 
 
@@ -303,9 +539,11 @@ def summary_markdown(
     table, target = run_table(drows)
     lines += ['', f'## {title}', '', *table, '']
     lines.append(
+      'Each cell: mean ± sample std (min..max) over the seeds; a diverged run (NaN or '
+      'infinite metrics) is left out of its means and counted in the last column. '
       f'Epochs to target: first epoch with test error <= {_fmt(target)} '
-      f'({TARGET_FACTOR:g} x the best final test error of all runs above). '
-      'Best test error: lowest over epochs (first epoch reaching it).'
+      f'({TARGET_FACTOR:g} x the lowest mean final test error above), over the seeds '
+      'that reach it. Best test error: the lowest over the epochs of each run.'
     )
     agreement = agreement_line(drows)
     if agreement:
@@ -322,12 +560,18 @@ def selection_lines(selection: Sequence[Row]) -> list[str]:
   lines = ['', '## Step-size search', '']
   for r in chosen:
     where = f'{r["dataset"]} ({r["run"]})' if r.get('run') else r['dataset']
+    tried = [
+      s for s in selection
+      if all(s.get(k) == r.get(k) for k in ('dataset', 'run', 'method', 'init'))
+    ]
+    grid = ' '.join(f'{s["alpha"]:g}' + ('+' if s.get('extended') else '') for s in tried)
     lines.append(
       f'- {where}, {r["method"]} ({r["init"]} init): step {r["learning_rate"]:.0e} '
-      f'(alpha {r["alpha"]:g}), '
+      f'(alpha {r["alpha"]:g} of {grid}), '
       f'validation error {_fmt(r["best_val_error"])} first reached at epoch '
       f'{r["best_epoch"]}'
     )
+  lines += ['', 'An alpha marked + was added by the extension of the grid.']
   return lines
 
 
@@ -338,7 +582,7 @@ def write_summary(
   preamble: Sequence[str] = (),
 ) -> None:
   """Writes ``summary.md`` (see :func:`summary_markdown`)."""
-  with open(path, 'w') as f:
+  with atomic_open(path) as f:
     f.write(summary_markdown(rows, selection, preamble))
 
 

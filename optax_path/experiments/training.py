@@ -5,7 +5,8 @@ step size. Each is wrapped in :func:`optax.inject_hyperparams`, so the step size
 the optimizer state and one jitted training step per method serves every step size,
 both initialisations, the step-size search and the final runs. All examples (training
 and test) are put on the device once, as one :class:`Data`; a split is an array of
-indices into it, and a step gathers its mini-batch on the device. The batches are drawn
+indices into it, and a step gathers its mini-batch on the device. A whole epoch is one
+compiled ``lax.scan`` over its steps (:func:`make_train_epoch`). The batches are drawn
 with NumPy's RNG from the run's seed, so every method and initialisation sees the same
 batches (and dropout masks). Evaluation runs in large fixed-size jitted chunks.
 """
@@ -202,21 +203,26 @@ class Compiled:
     return self.prepare(*args)(*args)
 
 
-TrainStep = Compiled
+TrainEpoch = Compiled
 
 
-def make_train_step(model: MLP, tx: optax.GradientTransformation) -> TrainStep:
-  """Builds the jitted training step of a method.
+def make_train_epoch(model: MLP, tx: optax.GradientTransformation) -> TrainEpoch:
+  """Builds the jitted training epoch of a method: all its steps in one ``lax.scan``.
+
+  One compiled call per epoch, with the data already on the device, so that the
+  Python loop costs nothing per step.
 
   Args:
     model: The network.
     tx: The method (needs ``params`` in ``update``, as Path-SGD does).
 
   Returns:
-    ``train_step(params, opt_state, data, indices, mask, key, step)`` returning
-    ``(params, opt_state, loss)``: one update on the mini-batch ``data[indices]``
-    (``mask`` weighs its examples), with dropout masks drawn from ``fold_in(key, step)``;
-    ``data`` is all the examples (:class:`Data`), already on the device.
+    ``train_epoch(params, opt_state, data, indices, mask, key)`` returning
+    ``(params, opt_state, losses)``: one update per row of ``indices``
+    ``(steps, batch)`` on the mini-batch ``data[indices[i]]`` (``mask[i]`` weighs its
+    examples), with dropout masks drawn from ``fold_in(key, i)``; ``losses`` ``(steps,)``
+    are the mini-batch losses before each update; ``data`` is all the examples
+    (:class:`Data`), already on the device.
   """
 
   def loss_fn(params, x, y, w, key):
@@ -224,13 +230,20 @@ def make_train_step(model: MLP, tx: optax.GradientTransformation) -> TrainStep:
     return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
 
   @jax.jit
-  def train_step(params, opt_state, data, indices, mask, key, step):
-    x, y = data.images[indices], data.labels[indices]
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y, mask, jax.random.fold_in(key, step))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def train_epoch(params, opt_state, data, indices, mask, key):
+    def step(carry, batch):
+      params, opt_state = carry
+      i, rows, weights = batch
+      x, y = data.images[rows], data.labels[rows]
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, weights, jax.random.fold_in(key, i))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
 
-  return Compiled(train_step)
+    steps = jnp.arange(indices.shape[0], dtype=jnp.int32)
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (steps, indices, mask))
+    return params, opt_state, losses
+
+  return Compiled(train_epoch)
 
 
 Evaluate = Callable[[optax.Params, Data, np.ndarray], tuple[float, float]]
@@ -276,7 +289,7 @@ class RunSpec(NamedTuple):
   """What one training run needs besides its parameters and optimizer.
 
   Attributes:
-    train_step: From :func:`make_train_step`.
+    train_epoch: From :func:`make_train_epoch`.
     evaluate: From :func:`make_evaluate`.
     data: All examples, on the device.
     train: Indices of the training examples in ``data``.
@@ -287,7 +300,7 @@ class RunSpec(NamedTuple):
     seed: Seeds the batch order and the dropout masks.
   """
 
-  train_step: TrainStep
+  train_epoch: TrainEpoch
   evaluate: Evaluate
   data: Data
   train: np.ndarray
@@ -343,17 +356,10 @@ def train(
   for epoch in bar:
     indices, mask = epoch_batches(rng, spec.train, spec.batch_size)
     epoch_key = jax.random.fold_in(key, epoch)
-    step = spec.train_step.prepare(
-      params, opt_state, spec.data, indices[0], mask[0], epoch_key, np.int32(0)
-    )
+    run_epoch = spec.train_epoch.prepare(params, opt_state, spec.data, indices, mask, epoch_key)
     start = time.perf_counter()
-    losses = []
-    for i in range(len(indices)):
-      params, opt_state, loss = step(
-        params, opt_state, spec.data, indices[i], mask[i], epoch_key, np.int32(i)
-      )
-      losses.append(loss)
-    batch_loss = float(jnp.mean(jnp.stack(losses)))
+    params, opt_state, losses = run_epoch(params, opt_state, spec.data, indices, mask, epoch_key)
+    batch_loss = float(jnp.mean(losses))
     seconds += time.perf_counter() - start
     row = {'batch_loss': batch_loss, **evaluate_all(spec, params)}
     history.append({'epoch': epoch, 'seconds': seconds, **row})
