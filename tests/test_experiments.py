@@ -573,3 +573,21 @@ def test_plot_labels_every_method_of_every_run(tmp_path, capsys):
   colors = report.method_colors(['path-sgd', 'sgd', 'adagrad'])
   labels = [h.get_label() for h in report._legend_handles(colors, a + b)]
   assert {'path-sgd', 'sgd', 'adagrad', 'diverged (NaN) here'} <= set(labels)
+
+
+def test_resume_runs_only_the_missing_seeds(tmp_path):
+  common = ['--hidden', '8', '--epochs', '1', '--search-epochs', '1', '--alphas', '1', '--quiet']
+  common += ['--methods', 'path-sgd', '--lr', 'path-sgd=0.1', '--out', str(tmp_path)]
+  assert reproduce_on_small_digits(*common, '--seeds', '1') == 0
+  first = report.read_csv(tmp_path / 'metrics.csv')
+  assert reproduce_on_small_digits(*common, '--seeds', '2', '--resume') == 0
+  both = report.read_csv(tmp_path / 'metrics.csv')
+  assert both[: len(first)] == first  # seed 0 kept as it was (seconds included)
+  assert sorted({r['seed'] for r in both}) == [0, 1] and len(both) == 2 * len(first)
+  fresh = tmp_path / 'fresh'
+  assert reproduce_on_small_digits(*common[:-1], str(fresh), '--seeds', '2') == 0
+  again = report.read_csv(fresh / 'metrics.csv')
+  for a, b in zip(again, both):
+    assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-12)  # same as one go
+  with pytest.raises(ValueError, match='resume'):
+    reproduce_on_small_digits(*common, '--dropout', '0.5', '--resume')

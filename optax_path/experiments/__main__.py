@@ -223,6 +223,12 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     '--out', help='output directory (default: runs/<dataset>, runs/<dataset>-dropout<p>)'
   )
   p.add_argument('--quiet', action='store_true', help='no progress bars')
+  p.add_argument(
+    '--resume',
+    action='store_true',
+    help='keep the finished runs and step searches in --out and run only the missing '
+    '(method, init, seed) runs (e.g. more --seeds later, or after an interruption)',
+  )
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -387,6 +393,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     dtype=args.dtype,
     out=args.out or default_out(args.dataset, args.dropout),
     quiet=args.quiet,
+    resume=args.resume,
   )
   check_config(config, parser)
   return config

@@ -68,6 +68,7 @@ class Config:
   dtype: str
   out: str
   quiet: bool
+  resume: bool = False
 
 
 class Experiment:
@@ -140,10 +141,9 @@ def initial_params(config: Config, model, input_shape: Sequence[int], seed: int)
   return params
 
 
-def search_method(exp: Experiment, method: str, params: dict, init: str) -> list[dict]:
-  """The step-size search of one method on one init (first seed); selection.csv rows."""
+def search_method(exp: Experiment, method: str, params: dict, init: str, seed: int) -> list[dict]:
+  """The step-size search of one method on one init of a seed; selection.csv rows."""
   tx, train_epoch = exp.method(method)
-  seed = exp.config.seeds[0]
   spec = exp.spec(train_epoch, search=True, seed=seed)
 
   def run(alpha: float) -> tuple[list[float], bool]:
@@ -201,7 +201,9 @@ def final_run(
   return [{**base, **h} for h in history]
 
 
-def choose_steps(exp: Experiment, method: str, params: dict) -> tuple[dict, list[dict]]:
+def choose_steps(
+  exp: Experiment, method: str, params: dict, seed: int
+) -> tuple[dict, list[dict]]:
   """Each init's step size of a method: fixed by ``--lr``, else searched.
 
   Returns:
@@ -214,7 +216,7 @@ def choose_steps(exp: Experiment, method: str, params: dict) -> tuple[dict, list
     if method in c.learning_rates:
       lrs[init] = c.learning_rates[method]
       continue
-    found = search_method(exp, method, params, init)
+    found = search_method(exp, method, params, init, seed)
     rows += found
     lrs[init] = next(r['learning_rate'] for r in found if r['chosen'])
   return {init: lrs.get(init, lrs.get('balanced')) for init in c.inits}, rows
@@ -247,7 +249,8 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
       f'by --lr: {fixed}.'
     ),
     '',
-    f'Wall time: {seconds:.0f} s.',
+    f'Wall time: {seconds:.0f} s'
+    + (' (this invocation, which resumed an earlier one).' if config.resume else '.'),
   ]
 
 
@@ -277,27 +280,71 @@ def reproduce(config: Config) -> list[str]:
   return written
 
 
+def load_previous(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
+  """The rows of an earlier run in ``config.out`` to resume from (``--resume``).
+
+  Returns:
+    ``(metrics rows, selection rows)``; empty without ``--resume`` or earlier files.
+
+  Raises:
+    ValueError: If the earlier rows are of another data set or dropout rate.
+  """
+  path = os.path.join(config.out, 'metrics.csv')
+  if not (config.resume and os.path.exists(path)):
+    return [], []
+  metrics, chosen = report.load_run(config.out)
+  other = {(r['dataset'], float(r['dropout'])) for r in metrics} - {
+    (dataset.name, float(config.dropout))
+  }
+  if other:
+    raise ValueError(
+      f'--resume: {path} holds runs of {sorted(other)}, not of '
+      f'{dataset.name} with dropout {config.dropout:g}; choose another --out.'
+    )
+  return metrics, chosen
+
+
+def searched_steps(config: Config, method: str, chosen: Sequence[dict]) -> dict | None:
+  """Each init's step size of a method from earlier selection rows, or None if absent."""
+  if method in config.learning_rates:
+    return {init: config.learning_rates[method] for init in config.inits}
+  found = {r['init']: r['learning_rate'] for r in chosen if r['method'] == method and r['chosen']}
+  if 'balanced' not in found and not set(config.inits) <= set(found):
+    return None
+  return {init: found.get(init, found.get('balanced')) for init in config.inits}
+
+
 def run_all(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
   """Runs every seed and method, rewriting the two CSV files after each run.
 
-  The step sizes are chosen on the first seed and used for all seeds.
+  The step sizes are chosen on the first seed and used for all seeds. With
+  ``config.resume``, the finished runs and step searches of ``config.out`` are kept
+  and skipped (a run is written only once finished, so none is half there).
 
   Returns:
     ``(metrics rows, selection rows)``.
   """
   exp = Experiment(config, dataset)
   os.makedirs(config.out, exist_ok=True)
-  metrics, chosen, steps = [], [], {}
+  metrics, chosen = load_previous(config, dataset)
+  done = set(report.group(metrics, ('method', 'init', 'seed')))
+  steps = {}
   for seed in config.seeds:
-    params = initial_params(config, exp.model, exp.image_shape, seed)
+    params = None
     for method in config.methods:
+      todo = [i for i in config.inits if (method, i, seed) not in done]
       if method not in steps:
-        steps[method], rows = choose_steps(exp, method, params)
+        steps[method] = searched_steps(config, method, chosen)
+      if not todo and steps[method] is not None:
+        continue
+      params = params or initial_params(config, exp.model, exp.image_shape, seed)
+      if steps[method] is None:
+        steps[method], rows = choose_steps(exp, method, params, seed)
         chosen += rows
         report.write_csv(
           os.path.join(config.out, 'selection.csv'), report.SELECTION_COLUMNS, chosen
         )
-      for init in config.inits:
+      for init in todo:
         metrics += final_run(exp, method, params, init, steps[method][init], seed)
         report.write_csv(os.path.join(config.out, 'metrics.csv'), report.METRIC_COLUMNS, metrics)
   return metrics, chosen
