@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from flax.training import train_state
 
@@ -149,3 +150,65 @@ def test_path_adagrad_is_the_chain_and_schedules_work():
   a, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
   b, _ = reference.update(GRADS, reference.init(PARAMS), PARAMS)
   assert_trees_close(a, b, rtol=1e-6)
+
+
+# --- today's Optax: extra arguments, tree_get, inner optimizers that read params -------
+
+
+def _mlp():
+  rng = np.random.default_rng(0)
+  return {
+    f'Dense_{l}': {'kernel': jnp.asarray(rng.normal(size=(a, b)), jnp.float32),
+                   'bias': jnp.asarray(rng.normal(size=b), jnp.float32)}
+    for l, (a, b) in enumerate([(3, 4), (4, 2)])
+  }
+
+
+@pytest.mark.parametrize('where', ['inside path_geometry', 'after path_sgd in a chain'])
+def test_reduce_on_plateau_receives_the_loss(where):
+  """``value=`` reaches ``optax.contrib.reduce_on_plateau``, which then cuts the step."""
+  params = _mlp()
+  plateau = optax.contrib.reduce_on_plateau(patience=2, factor=0.5, cooldown=0)
+  if where == 'inside path_geometry':
+    tx = optax_path.path_geometry(optax.chain(optax.sgd(0.1), plateau))
+  else:
+    tx = optax.chain(optax_path.path_sgd(0.1), plateau)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  first, state = jax.jit(tx.update)(grads, state, params, value=jnp.array(1.0))
+  for _ in range(4):  # the loss does not improve: after patience 2, the scale halves
+    updates, state = jax.jit(tx.update)(grads, state, params, value=jnp.array(1.0))
+  scale = optax.tree_utils.tree_get(state, 'scale')
+  assert float(scale) < 1.0
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(first)):
+    np.testing.assert_allclose(a, float(scale) * b, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'make, count',
+  [
+    (lambda: optax.chain(optax_path.path_normalize(), optax.adam(1e-3)), 3),
+    (lambda: optax_path.path_adam(1e-3), 3),
+    (lambda: optax_path.path_sgd(optax.linear_schedule(0.1, 0.0, 10)), 3),
+    (lambda: optax_path.path_sgd(0.1, momentum=0.9), None),  # sgd keeps no count
+    (lambda: optax_path.path_geometry(optax.adagrad(0.1)), None),
+  ],
+)
+def test_tree_get_count_finds_the_inner_optimizers_count(make, count):
+  """Our counter is ``refresh_count``: ``count`` is the inner optimizer's, or absent."""
+  params = _mlp()
+  tx = make()
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  found = optax.tree_utils.tree_get(state, 'count')
+  assert (None if found is None else int(found)) == count
+  assert int(optax.tree_utils.tree_get(state, 'refresh_count')) == 3
+
+
+def test_path_geometry_with_an_inner_that_reads_params_says_why():
+  params = _mlp()
+  tx = optax_path.path_geometry(optax.adamw(1e-3))
+  with pytest.raises(ValueError, match='params=None, by design.*breaks the rescaling invariance.*path_norm'):
+    tx.update(params, tx.init(params), params)

@@ -44,7 +44,7 @@ def assert_logs_close(actual, expected, ulps):
 def float32_net(kind):
   params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(0), WIDTHS, dtype=np.float32))
   if kind == 'unbalance':
-    return optax_path.unbalance(jax.random.key(1), params, num_units=64)
+    return optax_path.unbalance(jax.random.key(1), params, num_units=64, scheme='stress')
   if kind == 'factors_1e25':
     for layer, unit, decades in [(0, 3, 25), (0, 7, 20), (1, 0, 25), (1, 11, 15)]:
       params = optax_path.rescale(params, layer, unit, 10.0**decades)
@@ -128,7 +128,7 @@ def test_refresh_every_divides_by_the_scales_of_the_last_refresh(x64):
     expected = jax.tree.map(lambda s: 1 / s, optax_path.path_scales(refreshed_at))
     for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
       np.testing.assert_allclose(u, e, rtol=1e-12)
-  assert int(state.count) == len(trajectory)
+  assert int(state.refresh_count) == len(trajectory)
   assert update._cache_size() == 1
 
 

@@ -70,8 +70,9 @@ def path_geometry(
     input_shape: the shape of one input, without the batch axis (general mode).
 
   Returns:
-    An ``optax.GradientTransformation`` with state ``PathGeometryState``; its
-    ``update`` requires ``params``.
+    An ``optax.GradientTransformationExtraArgs`` with state ``PathGeometryState``; its
+    ``update`` requires ``params`` and passes extra keyword arguments (``value=`` for
+    ``optax.contrib.reduce_on_plateau``) on to ``inner``.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_path
@@ -86,6 +87,7 @@ def path_geometry(
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
   layers = layers_lib.normalize_layer_specs(layers)
+  inner = optax.with_extra_args_support(inner)
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):
@@ -97,7 +99,7 @@ def path_geometry(
       return scales_lib.log_scale_leaves(params, p, **mode)[2], scales
     return scale_state.refreshed_log_scales(params, p, layers, scales, refresh_every=1)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
         'path_geometry requires the current value of parameters, to compute the path '
@@ -108,11 +110,33 @@ def path_geometry(
     log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
     sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
     whitened = transform.divide_by_split_scales(updates, sqrt_scales)
-    step, inner_state = inner.update(whitened, state.inner_state, None)
+    step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
     step = transform.divide_by_split_scales(step, sqrt_scales)
     return step, PathGeometryState(inner_state, scales)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+INNER_READS_PARAMS_MSG = (
+  'path_geometry calls inner.update with params=None, by design, and inner needs params. '
+  'An inner that reads the params (optax.adamw\'s and add_decayed_weights\' weight decay, '
+  'lookahead, ...) acts on the raw weights and breaks the rescaling invariance that '
+  'path_geometry exists for. Use an inner that does not read params (optax.adam rather '
+  'than optax.adamw) and regularise with lam * optax_path.path_norm(params) ** p in the '
+  'loss, which is invariant; or chain the weight decay outside: optax.chain('
+  'path_geometry(optax.adam(lr)), optax.add_decayed_weights(wd), ...) with its decay '
+  'scaled by hand, accepting that it is not invariant.'
+)
+
+
+def _inner_update(inner, whitened, inner_state, extra_args):
+  """``inner.update`` without params; an inner that needs them is named for what it is."""
+  try:
+    return inner.update(whitened, inner_state, None, **extra_args)
+  except ValueError as error:
+    if 'not passing `params`' not in str(error):
+      raise
+    raise ValueError(INNER_READS_PARAMS_MSG) from error
 
 
 def path_adam(

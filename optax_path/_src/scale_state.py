@@ -21,13 +21,15 @@ class PathNormalizeState(NamedTuple):
   """State of ``path_normalize`` (MLP mode): the path scales, per unit.
 
   Attributes:
-    count: updates so far (int32).
+    refresh_count: updates so far (int32), which time the refreshes of
+      ``refresh_every``. Not called ``count``, so that ``optax.tree_utils.tree_get(state,
+      'count')`` finds the inner optimizer's step count in a chain.
     log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
       of its units (Algorithm 1), as of the last refresh.
     log_gamma_out: the same for ``log gamma_out``.
   """
 
-  count: jax.Array
+  refresh_count: jax.Array
   log_gamma_in: tuple[jax.Array, ...]
   log_gamma_out: tuple[jax.Array, ...]
 
@@ -76,8 +78,8 @@ def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
   if isinstance(refresh_every, int) and refresh_every == 1:
     gammas = refreshed()
   else:
-    gammas = jax.lax.cond(state.count % refresh_every == 0, refreshed, kept)
-  return gammas, PathNormalizeState(optax.safe_int32_increment(state.count), *gammas)
+    gammas = jax.lax.cond(state.refresh_count % refresh_every == 0, refreshed, kept)
+  return gammas, PathNormalizeState(optax.safe_int32_increment(state.refresh_count), *gammas)
 
 
 _refreshed_log_gammas = scales_lib.compiled_for_concrete_p(warm_scales.refreshed_log_gammas)

@@ -146,8 +146,16 @@ def path_normalize(
     input_shape: general mode: the shape of one input, without the batch axis.
 
   Returns:
-    An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state
-    is a ``PathNormalizeState`` in the MLP mode, ``optax.EmptyState`` in the general one.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires ``params``
+    (extra keyword arguments, such as ``value=`` for ``optax.contrib.reduce_on_plateau``
+    later in a chain, are accepted and ignored). Its state is a ``PathNormalizeState``
+    in the MLP mode, ``optax.EmptyState`` in the general one.
+
+  Order in a chain: first. ``optax.chain(path_normalize(), optax.sgd(lr))`` divides the
+  gradients by their path scales and then steps; ``optax.chain(optax.sgd(lr),
+  path_normalize())`` would divide the already scaled step ``-lr * g`` instead, which
+  is the same only for plain SGD and wrong for momentum, AdaGrad or Adam, whose
+  statistics must see the normalised gradients. It cannot be detected from inside.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_path
@@ -174,14 +182,15 @@ def path_normalize(
   def init_fn(params):
     return scale_state.init_state(params, p, layers)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     check_same_structure(updates, params)
     log_scales, state = scale_state.refreshed_log_scales(params, p, layers, state, refresh_every)
     return divide_by_scales(updates, log_scales), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _general_path_normalize(p, apply_fn, input_shape) -> optax.GradientTransformation:
@@ -189,12 +198,13 @@ def _general_path_normalize(p, apply_fn, input_shape) -> optax.GradientTransform
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     return normalize_updates(updates, params, p, apply_fn=apply_fn, input_shape=input_shape), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def path_sgd(
