@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import tempfile
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -164,8 +165,8 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
   Columns: training cross-entropy (log scale), 0/1 training error and 0/1 test error
   over all epochs with y-ranges that hold every finite value (so failed runs show, as
   in the paper), and a zoom on the test error of the last half of the epochs, fitted to
-  the runs that end within 1.5 times the best final error (the others are listed in the
-  panel as off scale). Same colour per method; solid for the balanced and dashed for
+  the runs that end within about twice the best final error (the others are listed
+  under the panel as off scale). Same colour per method; solid for the balanced and dashed for
   the unbalanced init. With several seeds, a line is the mean over the seeds that have
   not diverged by that epoch and the band their min..max. A run whose metrics became
   NaN or infinite is marked with an ``x`` at the top of each panel at that epoch.
@@ -298,8 +299,9 @@ def _style_row(axes: Sequence[Any], rows: Sequence[Row]) -> None:
 def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
   """Fits the last panel to the last half of the epochs of the runs that end well.
 
-  A (method, init) is in range when its mean final test error is within 1.5 times the
-  lowest one; the others are listed in the panel with their mean final error.
+  A (method, init) is in range when its mean final test error is at most
+  ``2 * best + 0.02`` (``best``: the lowest one); the others are listed under the
+  panel with their mean final error.
   """
   finals, last = {}, 0
   for key, run in runs.items():
@@ -310,7 +312,7 @@ def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
   good = [v for v in finals.values() if math.isfinite(v)]
   if not good:
     return
-  limit = 1.5 * min(good)
+  limit = 2 * min(good) + 0.02
   shown = [k for k, v in finals.items() if math.isfinite(v) and v <= limit]
   first = last // 2
   values = np.array(
@@ -332,16 +334,8 @@ def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
     if (m, i) not in shown
   ]
   if off:
-    ax.text(
-      0.98,
-      0.97,
-      'off scale (final):\n' + '\n'.join(off),
-      transform=ax.transAxes,
-      ha='right',
-      va='top',
-      fontsize='small',
-      bbox={'facecolor': 'white', 'alpha': 0.85, 'edgecolor': '0.7'},
-    )
+    text = textwrap.fill('off this scale (mean final): ' + '; '.join(off), 70)
+    ax.set_xlabel('epoch\n' + text, fontsize='small')
 
 
 def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str]) -> dict:
@@ -489,7 +483,7 @@ def _table_line(method: str, init: str, step: float, stats: list[RunStats], targ
   n = len(stats)
   reached = [e for e in (epochs_to(s, target) for s in stats) if e is not None]
   to_target = (
-    f'{spread(reached, ".1f")} ({len(reached)}/{n} seeds)' if reached else f'not reached (0/{n})'
+    f'{spread(reached, ".3g")} ({len(reached)}/{n} seeds)' if reached else f'not reached (0/{n})'
   )
   diverged = [s.diverged_at for s in stats if s.diverged_at is not None]
   where = f'{len(diverged)}/{n} (epoch {", ".join(map(str, diverged))})' if diverged else f'0/{n}'
