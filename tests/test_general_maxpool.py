@@ -296,6 +296,20 @@ def test_max_inside_cond_and_jit_counts_every_path():
   )
 
 
+def test_explicit_minus_inf_padding_is_no_unit():
+  """By hand: |w| on ones gives units (1, 2, 3); windows of 2 over (pad, 1, 2, 3, pad)
+  sum to 1 + 3 + 5 + 3 = 12, with the -inf padding read as no unit (0), as SAME does."""
+  params = {'w': jnp.array([[1.0, -2.0, 3.0]])}
+
+  def padded(q, x):
+    h = jax.nn.relu(x @ q['w'])[..., None]
+    h = jnp.pad(h, ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(h, (2,), strides=(1,), padding='VALID')
+
+  norm = optax_path.path_norm(params, 1.0, apply_fn=padded, input_shape=(1,))
+  np.testing.assert_allclose(norm, 12.0, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # (d) The gradient of the path regulariser where phi_p = 0: 0, not NaN, in both modes.
 

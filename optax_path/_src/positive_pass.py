@@ -24,7 +24,8 @@ operand depends on the params or the input (an *activation*):
 - ``max`` / ``min`` of two activations (an elementwise max of two branches) -> their
   sum. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
   depends on neither) it is kept: ReLU is the identity on this pass.
-- ``pad`` of an activation with ``-inf`` (a max pool's explicit padding) -> pad with 0.
+- ``pad`` of an activation with ``-inf`` or ``+inf`` (a max or min pool's explicit
+  padding, as in ``jnp.pad(h, ..., constant_values=-jnp.inf)``) -> pad with 0.
 
 Every substitution is linear and keeps each channel within itself, so the pass stays
 invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
@@ -50,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -149,13 +151,6 @@ def _is_max_computation(jaxpr: jex_core.Jaxpr) -> bool:
   return len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive.name in _ELEMENTWISE_MAX
 
 
-def _is_neg_inf(atom: Any) -> bool:
-  if not isinstance(atom, jex_core.Literal):
-    return False
-  value = np.asarray(atom.val)
-  return value.shape == () and bool(np.isneginf(value))
-
-
 def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   """What ``_eval`` does with ``eqn``: ``None`` binds it as traced."""
   name = eqn.primitive.name
@@ -170,7 +165,7 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     body = body.jaxpr if isinstance(body, jex_core.ClosedJaxpr) else body
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
   if name == 'pad':
-    return 'pad_zero' if dependent[0] and _is_neg_inf(eqn.invars[1]) else None
+    return 'pad_finite' if dependent[0] and not dependent[1] else None
   if name in _SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
@@ -254,8 +249,10 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
       for k in ('window_dimensions', 'window_strides', 'padding', 'base_dilation', 'window_dilation')
     }
     return [lax.reduce_window_sum_p.bind(values[0], **window)]
-  if rule == 'pad_zero':
-    return [lax.pad(values[0], lax.full_like(values[1], 0), params['padding_config'])]
+  if rule == 'pad_finite':
+    value = jnp.asarray(values[1], jnp.result_type(values[0]))
+    value = jnp.where(jnp.isinf(value), jnp.zeros_like(value), value)
+    return [lax.pad(values[0], value, params['padding_config'])]
   if rule == 'inline':
     body, consts = _open(params[_CALLS[name]])
     return _eval(body, consts, values, flags)
