@@ -82,9 +82,9 @@ up to ``1e25``) need float64 or the MLP mode. What happens beyond:
 
 Finite params within scope never give ``nan``, within the range or beyond it. Where
 ``phi_p = 0`` (a zero-initialised head), ``log_path_norm`` is ``-inf`` and its gradient,
-and so that of ``path_norm(...) ** p``, is 0: the gradient of ``phi_p^p``, a sum of
-products that each hold a zero weight, and the least subgradient of ``phi_p`` at its
-minimum.
+and so that of ``path_norm(...) ** p``, is 0: for ``p > 1`` that is the gradient of
+``phi_p^p`` (each of its products holds a zero weight, whose ``|w|^p`` has derivative
+0), and for any ``p`` a subgradient at the minimum ``phi_p = 0``.
 
 Params. The leaves of ``params`` with a floating dtype are the parameters; other leaves
 (integers) are passed to ``apply_fn`` unchanged. A floating leaf that ``apply_fn`` does
