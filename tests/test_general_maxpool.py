@@ -71,9 +71,11 @@ def pool_net_graph(pool):
       pooled.append(('pool', I, J, k))
   else:
     for k in range(2):
-      incoming[('global', k)] = [(('conv', h, w, k), None) for h, w in itertools.product(range(4), range(4))]
+      image = itertools.product(range(4), range(4))
+      incoming[('global', k)] = [(('conv', h, w, k), None) for h, w in image]
       incoming[('branch', k)] = [('bias', ('branch/bias', (k,)))] + [
-        (('x', h, w), ('branch/kernel', (4 * h + w, k))) for h, w in itertools.product(range(4), range(4))
+        (('x', h, w), ('branch/kernel', (4 * h + w, k)))
+        for h, w in itertools.product(range(4), range(4))
       ]
       incoming[('max', k)] = [(('global', k), None), (('branch', k), None)]
       pooled.append(('max', k))
@@ -255,10 +257,13 @@ def test_path_sgd_is_invariant_to_channel_rescalings_through_max_pools():
   rescaled = rescale_channels(
     params, jnp.array([1e2, 1e-2, 7.0, 0.2]), jnp.array([0.05, 30.0, 1.0])
   )
-  path_sgd = optax.chain(optax_path.path_normalize(2.0, **general_mode(model, shape)), optax.sgd(0.05))
-  start_gap, moved, path_gap = train_both(model, path_sgd, params, rescaled, inputs, labels, held_out)
-  sgd_gap = train_both(model, optax.sgd(0.05), params, rescaled, inputs, labels, held_out)[2]
-  print(f'start gap {start_gap:.1e}, moved {moved:.2f}, Path-SGD gap {path_gap:.1e}, SGD gap {sgd_gap:.1e}')
+  normalize = optax_path.path_normalize(2.0, **general_mode(model, shape))
+  path_sgd = optax.chain(normalize, optax.sgd(0.05))
+  data = (inputs, labels, held_out)
+  start_gap, moved, path_gap = train_both(model, path_sgd, params, rescaled, *data)
+  sgd_gap = train_both(model, optax.sgd(0.05), params, rescaled, *data)[2]
+  print(f'start gap {start_gap:.1e}, moved {moved:.2f}, Path-SGD gap {path_gap:.1e}, ', end='')
+  print(f'SGD gap {sgd_gap:.1e}')
   assert start_gap < 1e-6  # the same function
   assert moved > 0.1  # training moved it
   assert path_gap < 2e-5
@@ -288,7 +293,8 @@ def test_max_inside_cond_and_jit_counts_every_path():
 
   def apply_fn(q, x):
     h = jax.nn.relu(x @ q['w'])
-    pooled = jax.lax.cond(jnp.sum(h) > -1, lambda h: jnp.max(h, axis=-1), lambda h: jnp.min(h, axis=-1), h)
+    branches = (lambda h: jnp.max(h, axis=-1), lambda h: jnp.min(h, axis=-1))
+    pooled = jax.lax.cond(jnp.sum(h) > -1, *branches, h)
     return jax.jit(jnp.max)(h) + pooled
 
   np.testing.assert_allclose(
@@ -318,7 +324,10 @@ def mlp_params(head_scale, seed=0):
   rng = np.random.default_rng(seed)
   return {
     'Dense_0': {'kernel': rng.normal(size=(2, 8)), 'bias': rng.normal(size=8)},
-    'Dense_1': {'kernel': head_scale * rng.normal(size=(8, 3)), 'bias': head_scale * rng.normal(size=3)},
+    'Dense_1': {
+      'kernel': head_scale * rng.normal(size=(8, 3)),
+      'bias': head_scale * rng.normal(size=3),
+    },
   }
 
 
@@ -451,4 +460,5 @@ def test_apply_fn_and_input_shape_are_checked():
   with pytest.raises(ValueError, match=r'input_shape=\(5,\)') as error:
     optax_path.path_scales(params, apply_fn=apply_fn, input_shape=(5,))
   assert isinstance(error.value.__cause__, TypeError)
-  assert np.isclose(float(optax_path.path_norm(params, 1.0, apply_fn=apply_fn, input_shape=np.array([4]))), 12.0)
+  norm = optax_path.path_norm(params, 1.0, apply_fn=apply_fn, input_shape=np.array([4]))
+  assert np.isclose(float(norm), 12.0)

@@ -294,7 +294,7 @@ _compiled: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = (
 )
 
 
-def _compiled_pass(fn, jaxpr: jex_core.Jaxpr, key: tuple[Any, ...], p: float):
+def _compiled_pass(fn, jaxpr: jex_core.Jaxpr, key: bytes, p: float):
   """``jit(fn)`` for this jaxpr structure and ``p``, from a cache of ``_CACHE_SIZE``.
 
   The cached function holds the first jaxpr of its structure (no values: its constants

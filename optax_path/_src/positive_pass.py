@@ -46,6 +46,7 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,13 +97,8 @@ def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[A
   return _eval(jaxpr, consts, args, [True] * len(jaxpr.invars))
 
 
-def rewrites(jaxpr: jex_core.Jaxpr) -> bool:
-  """Whether ``evaluate`` substitutes anything in ``jaxpr`` (or raises)."""
-  return _rewrites(jaxpr, [True] * len(jaxpr.invars))
-
-
-def structure_key(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Any, ...]:
-  """A hashable key equal for jaxprs that compute the same function of (consts, args).
+def structure_key(closed_jaxpr: jex_core.ClosedJaxpr) -> bytes:
+  """A digest equal for jaxprs that compute the same function of (consts, args).
 
   Two traces of equal ``apply_fn``s (a fresh ``lambda q, x: model.apply(...)`` per
   call) print alike: variables are named in order, literals and parameters are
@@ -111,17 +107,14 @@ def structure_key(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Any, ...]:
   rules appear by name only: two ``custom_jvp`` functions of equal name and body with
   different rules would share a key.
   """
-  nested = tuple(
-    (str(jax.typeof(c)), _digest(c))
-    for jaxpr in _nested_closed_jaxprs(closed_jaxpr.jaxpr)
-    for c in jaxpr.consts
-  )
-  consts = tuple(str(jax.typeof(c)) for c in closed_jaxpr.consts)
-  return str(closed_jaxpr.jaxpr), consts, nested
-
-
-def _digest(value: Any) -> bytes:
-  return np.asarray(value).tobytes()
+  digest = hashlib.sha256(str(closed_jaxpr.jaxpr).encode())
+  for c in closed_jaxpr.consts:
+    digest.update(str(jax.typeof(c)).encode())
+  for jaxpr in _nested_closed_jaxprs(closed_jaxpr.jaxpr):
+    for c in jaxpr.consts:
+      digest.update(str(jax.typeof(c)).encode())
+      digest.update(np.asarray(c).tobytes())
+  return digest.digest()
 
 
 def _nested_closed_jaxprs(jaxpr: jex_core.Jaxpr):
@@ -244,10 +237,8 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
         f'The general mode cannot count the paths of a {name} over {len(values) // 2} '
         'operands at once; reduce each with its own max pool.'
       )
-    window = {
-      k: params[k]
-      for k in ('window_dimensions', 'window_strides', 'padding', 'base_dilation', 'window_dilation')
-    }
+    names = ('window_dimensions', 'window_strides', 'padding', 'base_dilation', 'window_dilation')
+    window = {k: params[k] for k in names}
     return [lax.reduce_window_sum_p.bind(values[0], **window)]
   if rule == 'pad_finite':
     value = jnp.asarray(values[1], jnp.result_type(values[0]))
