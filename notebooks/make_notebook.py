@@ -41,8 +41,11 @@ print('jax', jax.__version__, 'on', jax.devices()[0].platform)"""),
 
 Multiply the incoming weights of a hidden unit by `c > 0` and divide its outgoing weights by `c`:
 the network computes the same function. The paper's *unbalanced* initialisation does this to
-random units with `c = 10^exp(z)`, `z ~ N(0, 1)`. SGD suffers; Path-SGD takes exactly the same
-steps from both starts (Theorem 4.1)."""),
+random units with `c = 10 exp(z)`, `z ~ N(0, 1)` (as the authors' MATLAB code does it: factors of
+about 1.4 to 74). SGD suffers; Path-SGD takes exactly the same steps from both starts
+(Theorem 4.1). `optax_path.unbalance(..., scheme='stress')` draws `c = 10^exp(z)` instead, far
+harsher than the paper (factors of 1e20 and beyond), which plain float32 arithmetic cannot
+normalise but `path_normalize` can."""),
   new_code_cell("""class MLP(nn.Module):
     hidden: tuple = (64, 64)
     classes: int = 10

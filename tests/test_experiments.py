@@ -425,9 +425,8 @@ def test_unbalance_channels_keeps_the_function_and_the_path_norm():
   assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) < 1e-5
 
   def largest_factor(skewed):
-    return max(
-      float(jnp.max(jnp.abs(skewed[k]['kernel'] / params[k]['kernel']))) for k in ('Conv_0', 'Conv_1')
-    )
+    ratios = [jnp.abs(skewed[k]['kernel'] / params[k]['kernel']) for k in ('Conv_0', 'Conv_1')]
+    return max(float(jnp.max(r)) for r in ratios)
 
   assert 1.5 < largest_factor(unbalanced) < 1e4  # the authors' 10 exp(z), picked a few times
   stressed = unbalance_channels(jax.random.key(1), params, 6, scheme='stress')
@@ -519,6 +518,7 @@ def test_summary_over_seeds():
   # sgd unbalanced: seed 2 diverged at epoch 3; left out of the means, counted.
   line = by_key[('| sgd', 'unbalanced')]
   assert line.split(' | ')[4] == report.spread(finals[:2])
+  assert line.split(' | ')[5] == report.spread([0.125 + 0.01 + s for s in (0.0, 0.02)])
   assert line.endswith('| 1/3 (epoch 3) |')
   assert target == pytest.approx(1.1 * np.mean(finals[:2]))
 

@@ -248,7 +248,6 @@ def _draw_run(ax: Any, run: Sequence[Row], metric: str, color: str, init: str) -
         mew=2.5,
         color=color,
         transform=ax.get_xaxis_transform(),
-        clip_on=False,
       )
 
 
@@ -299,15 +298,17 @@ def _style_row(axes: Sequence[Any], rows: Sequence[Row]) -> None:
 def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
   """Fits the last panel to the last half of the epochs of the runs that end well.
 
-  A (method, init) is in range when its mean final test error is at most
-  ``2 * best + 0.02`` (``best``: the lowest one); the others are listed under the
-  panel with their mean final error.
+  A (method, init) is in range when its mean final test error (over the seeds that
+  did not diverge) is at most ``2 * best + 0.02`` (``best``: the lowest one); the
+  others, and the diverged seeds, are listed under the panel.
   """
-  finals, last = {}, 0
+  finals, diverged, last = {}, {}, 0
   for key, run in runs.items():
     stats = [run_stats(r) for r in group(run, ('seed',)).values()]
-    values = [s.final_test_error for s in stats]
-    finals[key] = np.mean(values) if all(map(math.isfinite, values)) else math.nan
+    values = [s.final_test_error for s in stats if s.diverged_at is None]
+    finals[key] = float(np.mean(values)) if values else math.nan
+    if len(values) < len(stats):
+      diverged[key] = f'{len(stats) - len(values)}/{len(stats)} seeds diverged'
     last = max(last, max(int(r['epoch']) for r in run))
   good = [v for v in finals.values() if math.isfinite(v)]
   if not good:
@@ -328,13 +329,10 @@ def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
     ax.set_ylim(values.min() - pad, values.max() + pad)
   ax.set_xlim(first, last + 0.3)
   ax.set_title(f'0/1 test error, zoom on epochs {first}..{last}')
-  off = [
-    f'{m} ({i}): ' + ('diverged' if not math.isfinite(v) else f'{v:.1%}')
-    for (m, i), v in finals.items()
-    if (m, i) not in shown
-  ]
+  off = [f'{m} ({i}): {v:.1%}' for (m, i), v in finals.items() if math.isfinite(v) and v > limit]
+  off += [f'{m} ({i}): {text}' for (m, i), text in diverged.items()]
   if off:
-    text = textwrap.fill('off this scale (mean final): ' + '; '.join(off), 70)
+    text = textwrap.fill('not in this zoom (mean final): ' + '; '.join(off), 60)
     ax.set_xlabel('epoch\n' + text, fontsize='small')
 
 
@@ -452,9 +450,9 @@ def spread(values: Sequence[float], spec: str = '.2%') -> str:
 def run_table(rows: Sequence[Row]) -> tuple[list[str], float]:
   """The summary table of one experiment (markdown lines) and its target test error.
 
-  One line per (method, init), over its seeds: the mean, sample std and range of the
-  final and best test error, the final training loss and the epochs to the target
-  (the seeds that reach it), and the seeds that diverged. The target is
+  One line per (method, init), over its seeds that did not diverge: the mean, sample
+  std and range of the final and best test error, the final training loss and the
+  epochs to the target (the seeds that reach it); then the seeds that diverged. The target is
   :data:`TARGET_FACTOR` times the lowest mean final test error of the lines.
   """
   runs = {
@@ -481,17 +479,18 @@ def run_table(rows: Sequence[Row]) -> tuple[list[str], float]:
 
 def _table_line(method: str, init: str, step: float, stats: list[RunStats], target: float) -> str:
   n = len(stats)
-  reached = [e for e in (epochs_to(s, target) for s in stats) if e is not None]
+  diverged = [s.diverged_at for s in stats if s.diverged_at is not None]
+  ok = [s for s in stats if s.diverged_at is None]
+  reached = [e for e in (epochs_to(s, target) for s in ok) if e is not None]
   to_target = (
     f'{spread(reached, ".3g")} ({len(reached)}/{n} seeds)' if reached else f'not reached (0/{n})'
   )
-  diverged = [s.diverged_at for s in stats if s.diverged_at is not None]
   where = f'{len(diverged)}/{n} (epoch {", ".join(map(str, diverged))})' if diverged else f'0/{n}'
   return (
     f'| {method} | {init} | {step:.0e} | {n} '
-    f'| {spread([s.final_test_error for s in stats])} '
-    f'| {spread([s.best_test_error for s in stats])} '
-    f'| {spread([s.final_train_loss for s in stats], ".4f")} | {to_target} | {where} |'
+    f'| {spread([s.final_test_error for s in ok])} '
+    f'| {spread([s.best_test_error for s in ok])} '
+    f'| {spread([s.final_train_loss for s in ok], ".4f")} | {to_target} | {where} |'
   )
 
 
@@ -534,7 +533,7 @@ def summary_markdown(
     lines += ['', f'## {title}', '', *table, '']
     lines.append(
       'Each cell: mean ± sample std (min..max) over the seeds; a diverged run (NaN or '
-      'infinite metrics) is left out of its means and counted in the last column. '
+      'infinite metrics) is left out of every cell but the last, which counts them. '
       f'Epochs to target: first epoch with test error <= {_fmt(target)} '
       f'({TARGET_FACTOR:g} x the lowest mean final test error above), over the seeds '
       'that reach it. Best test error: the lowest over the epochs of each run.'

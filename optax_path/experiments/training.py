@@ -43,6 +43,12 @@ class Method(NamedTuple):
   description: str
 
 
+def _naive_path_sgd(learning_rate: float) -> optax.GradientTransformation:
+  from optax_path.experiments.bench import naive_path_normalize  # bench imports this module
+
+  return optax.chain(naive_path_normalize(), optax.sgd(learning_rate))
+
+
 def _adagrad(learning_rate: float) -> optax.GradientTransformation:
   return optax.adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7)
 
@@ -66,6 +72,11 @@ METHODS: dict[str, Method] = {
     'AdaGrad in the path geometry: path_geometry(adagrad), rescaling invariant',
   ),
   'adam': Method(lambda lr, mode: optax.adam(lr), 'Adam (b1 0.9, b2 0.999, eps 1e-8)'),
+  'naive-path-sgd': Method(
+    lambda lr, mode: _naive_path_sgd(lr),
+    'Path-SGD in plain float arithmetic (the bench reference; not robust: inf/NaN where '
+    'the scales leave the float range; MLP only)',
+  ),
   'path-adam': Method(
     lambda lr, mode: optax_path.path_adam(lr, **mode),
     'Adam in the path geometry: path_adam, rescaling invariant',
