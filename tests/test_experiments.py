@@ -591,3 +591,17 @@ def test_resume_runs_only_the_missing_seeds(tmp_path):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-12)  # same as one go
   with pytest.raises(ValueError, match='resume'):
     reproduce_on_small_digits(*common, '--dropout', '0.5', '--resume')
+
+
+def test_train_size_takes_a_fixed_subset():
+  from optax_path.experiments.pipeline import subsample_train
+
+  ds = small_digits()
+  a, b = subsample_train(ds, 50), subsample_train(ds, 50)
+  assert a.train_images.shape == (50, 8, 8, 1) and np.array_equal(a.train_labels, b.train_labels)
+  assert a.test_images.shape == ds.test_images.shape
+  rows = {img.tobytes() for img in ds.train_images}
+  assert all(img.tobytes() in rows for img in a.train_images)  # drawn from the training set
+  assert subsample_train(ds, None) is ds
+  with pytest.raises(ValueError, match='train-size'):
+    subsample_train(ds, 301)

@@ -128,6 +128,14 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument('--batch-size', type=int, help='mini-batch size (default: 100)')
   p.add_argument(
+    '--train-size',
+    type=int,
+    metavar='N',
+    help='train on a fixed random subset of N training examples (the same for every '
+    'seed; the validation split is taken from it; default: all), to size a run to the '
+    'machine',
+  )
+  p.add_argument(
     '--dropout',
     type=float,
     default=0.0,
@@ -394,6 +402,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     out=args.out or default_out(args.dataset, args.dropout),
     quiet=args.quiet,
     resume=args.resume,
+    train_size=args.train_size,
   )
   check_config(config, parser)
   return config

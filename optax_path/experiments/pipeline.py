@@ -69,6 +69,7 @@ class Config:
   out: str
   quiet: bool
   resume: bool = False
+  train_size: int | None = None
 
 
 class Experiment:
@@ -222,9 +223,39 @@ def choose_steps(
   return {init: lrs.get(init, lrs.get('balanced')) for init in c.inits}, rows
 
 
-def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]:
+#: Seed of the training subset of ``--train-size`` (the same subset for every seed).
+SUBSET_SEED = 0
+
+
+def subsample_train(dataset: data.Dataset, size: int | None) -> data.Dataset:
+  """The data set with a fixed random subset of ``size`` training examples (all if None).
+
+  The subset is drawn with NumPy's generator seeded by :data:`SUBSET_SEED`, sorted, and
+  the same for every ``--seed``; the test set is kept whole.
+
+  Raises:
+    ValueError: If ``size`` is not between 1 and the number of training examples.
+  """
+  n = len(dataset.train_labels)
+  if size is None or size == n:
+    return dataset
+  if not 1 <= size <= n:
+    raise ValueError(f'--train-size must be between 1 and {n}, got {size}.')
+  keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:size])
+  images, labels = dataset.train_images[keep], dataset.train_labels[keep]
+  return dataset._replace(train_images=images, train_labels=labels)
+
+
+def preamble(
+  config: Config, dataset: data.Dataset, seconds: float, full_train: int | None = None
+) -> list[str]:
   """The settings lines at the top of ``summary.md``."""
   n = len(dataset.train_labels)
+  subset = (
+    f' (a fixed random subset of the {full_train} training examples)'
+    if full_train and full_train != n
+    else ''
+  )
   val = selection.validation_size(n)
   search = (
     'on the balanced init, used for both inits'
@@ -234,7 +265,8 @@ def preamble(config: Config, dataset: data.Dataset, seconds: float) -> list[str]
   fixed = ', '.join(f'{m}={v:g}' for m, v in config.learning_rates.items()) or 'none'
   return [
     (
-      f'Data: {dataset.name}, {n} training and {len(dataset.test_labels)} test examples. '
+      f'Data: {dataset.name}, {n} training{subset} and {len(dataset.test_labels)} test '
+      'examples. '
       f'{_network(config)}, batch {config.batch_size}, '
       f'{config.epochs} epochs, dropout {config.dropout:g}, {config.dtype}, '
       f'seeds {show(config.seeds)}. Unbalanced init: {config.unbalanced_units} hidden '
@@ -268,11 +300,13 @@ def reproduce(config: Config) -> list[str]:
   """
   start = time.perf_counter()
   dataset = data.load_dataset(config.dataset, config.data_dir)
+  full_train = len(dataset.train_labels)
+  dataset = subsample_train(dataset, config.train_size)
   with jax.enable_x64(config.dtype == 'float64'):
     metrics, chosen = run_all(config, dataset)
   written = [os.path.join(config.out, n) for n in ('metrics.csv', 'selection.csv')]
   written += report.plot_figures(metrics, config.out)
-  lines = preamble(config, dataset, time.perf_counter() - start)
+  lines = preamble(config, dataset, time.perf_counter() - start, full_train)
   summary = os.path.join(config.out, 'summary.md')
   report.write_summary(summary, metrics, chosen, lines)
   written.append(summary)
