@@ -188,12 +188,13 @@ def plot(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
   for subfig, (title, drows) in zip(subfigs, datasets.items()):
     axes = subfig.subplots(1, len(PANELS) + 1)
     runs = group(drows, ('method', 'init'))
+    shown = _zoom(axes[-1], runs)
     for (method, init), run in runs.items():
       for ax, (metric, _, _) in zip(axes, PANELS):
         _draw_run(ax, run, metric, colors[method], init)
-      _draw_run(axes[-1], run, 'test_error', colors[method], init)
+      if (method, init) in shown:
+        _draw_run(axes[-1], run, 'test_error', colors[method], init)
     _style_row(axes, drows)
-    _zoom(axes[-1], runs)
     subfig.suptitle(_row_heading(title, drows), fontsize='x-large', fontweight='bold')
   fig.legend(
     handles=_legend_handles(colors, rows), loc='outside lower center', ncols=8, fontsize='medium'
@@ -290,17 +291,21 @@ def _style_row(axes: Sequence[Any], rows: Sequence[Row]) -> None:
       top = min(1.0, values.max()) if values.size else 1.0
       ax.set_ylim(0, 1.08 * top)
   for ax in axes:
-    ax.set_xlabel('epoch')
+    if not ax.get_xlabel():
+      ax.set_xlabel('epoch')
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
 
 
-def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
+def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> set[tuple]:
   """Fits the last panel to the last half of the epochs of the runs that end well.
 
   A (method, init) is in range when its mean final test error (over the seeds that
   did not diverge) is at most ``2 * best + 0.02`` (``best``: the lowest one); the
   others, and the diverged seeds, are listed under the panel.
+
+  Returns:
+    The ``(method, init)`` keys to draw in the panel.
   """
   finals, diverged, last = {}, {}, 0
   for key, run in runs.items():
@@ -312,7 +317,7 @@ def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
     last = max(last, max(int(r['epoch']) for r in run))
   good = [v for v in finals.values() if math.isfinite(v)]
   if not good:
-    return
+    return set()
   limit = 2 * min(good) + 0.02
   shown = [k for k, v in finals.items() if math.isfinite(v) and v <= limit]
   first = last // 2
@@ -334,6 +339,7 @@ def _zoom(ax: Any, runs: dict[tuple, list[Row]]) -> None:
   if off:
     text = textwrap.fill('not in this zoom (mean final): ' + '; '.join(off), 60)
     ax.set_xlabel('epoch\n' + text, fontsize='small')
+  return set(shown)
 
 
 def max_abs_difference(a: Sequence[Row], b: Sequence[Row], metrics: Sequence[str]) -> dict:
