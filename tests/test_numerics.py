@@ -180,33 +180,119 @@ def test_unbalanced_paper_init_scales_match_float64(p, x64):
     np.testing.assert_allclose(actual[ok], np.exp(ref[ok]), rtol=1e-4)
 
 
+DIVISION_DTYPES = ['float32', 'bfloat16', 'float16', 'float64']
+
+
+def exact_quotients(g, log_scale):
+  """``g / exp(sum(log_scale))`` in a wider float, independent of the library: float64
+  for 32-bit and narrower ``g``, the x87 long double (range 1e4932) for float64."""
+  wide = np.float64 if g.dtype.itemsize < 8 else np.longdouble
+  if wide is np.longdouble and np.finfo(wide).maxexp < 4096:
+    pytest.skip('no long double wider than float64 on this platform')
+  with np.errstate(over='ignore', under='ignore', invalid='ignore'):
+    return g.astype(wide) * np.exp(-sum(t.astype(wide) for t in log_scale))
+
+
+def division_grid(dtype, rng):
+  """Gradients over the whole range of ``dtype`` (its largest finite value, its smallest
+  normal, 1, every exponent between) against scales from 0 to far beyond the range."""
+  info = jnp.finfo(dtype)
+  lo, hi = np.log2(float(info.tiny)), np.log2(float(info.max))
+  g = rng.choice([-1, 1], (96, 64)) * 2.0 ** rng.uniform(lo, hi, (96, 64))
+  g[:8] = np.array([1, -1, 1, -1, 1, 1, 1, 1])[:, None] * [
+    [float(info.max)], [float(info.max)], [float(info.tiny)], [float(info.tiny)],
+    [1.0], [2 * float(info.tiny)], [float(info.max) / 2], [float(info.max) * 0.99],
+  ]
+  g = np.asarray(jnp.asarray(g, dtype))  # rounded to dtype (never beyond its max)
+  compute = np.float64 if dtype == 'float64' else np.float32
+  reach = 1.2 * (hi - lo) * np.log(2)  # quotients from far below to far beyond the range
+  row = rng.uniform(-reach / 2, reach / 2, (96, 1)).astype(compute)
+  col = rng.uniform(-reach / 2, reach / 2, (1, 64)).astype(compute)
+  row[:8] = 0.0
+  col[0, 8] = (hi - lo + 2) * np.log(2)  # the largest g over 2^256: 2^-128 (NaN before)
+  col[0, :8] = [0.0, np.log(1.754**2), -np.log(1.754**2), np.log(1e-3), 0.7, -0.7, 2.0, -2.0]
+  row[8, 0], row[9, 0] = -np.inf, np.inf  # a zero and an infinite scale
+  return g, row, col
+
+
 @pytest.mark.parametrize('terms', ['per unit', 'per parameter'])
-def test_division_is_right_wherever_the_quotient_is_representable(terms):
-  """g / exp(row + col) in float32 against float64, over the whole exponent range.
+@pytest.mark.parametrize('dtype', DIVISION_DTYPES)
+def test_division_is_right_wherever_the_quotient_is_representable(dtype, terms, x64):
+  """``g / exp(row + col)`` per dtype against a wider float, over the joint range: ``g``
+  up to the largest finite value, scales from 0 to far beyond the range.
 
   Per unit: a row and a column vector (the MLP mode, split once per unit); per
-  parameter: one full-size term (the general mode, split inside the division).
+  parameter: one full-size term (the general mode, split inside the division). Before
+  issue 11, float32 ``g = 3e38`` over ``1.754^2`` gave 3.4e38 (``g`` times the
+  mantissa overflowed), 64 of such entries were off by up to 19x, and NaN came out
+  where ``g`` was huge and the scale far beyond the range.
   """
   from optax_path._src.numerics import divide_by_scale
 
-  rng = np.random.default_rng(11)
-  g = (rng.choice([-1, 1], (64, 48)) * 10.0 ** rng.uniform(-37, 38, (64, 48))).astype(np.float32)
-  row = rng.uniform(-250, 250, (64, 1)).astype(np.float32)  # scales from e^-500 to e^500
-  col = rng.uniform(-250, 250, (1, 48)).astype(np.float32)
-  row[0, 0], col[0, 1] = -np.inf, -np.inf  # zero scales
+  g, row, col = division_grid(dtype, np.random.default_rng(11))
   log_scale = (row, col) if terms == 'per unit' else (row + col,)
-  quotient = np.asarray(divide_by_scale(jnp.asarray(g), *map(jnp.asarray, log_scale)))
-  with np.errstate(over='ignore', under='ignore'):
-    exact = g.astype(np.float64) * np.exp(-sum(t.astype(np.float64) for t in log_scale))
-  zero = np.isinf(row) | np.isinf(col)
-  normal = ~zero & (np.abs(exact) >= F32.tiny) & (np.abs(exact) <= F32.max)
-  assert normal.sum() > 300 and (~zero & (np.abs(exact) > F32.max)).sum() > 300
-  np.testing.assert_allclose(quotient[normal], exact[normal], rtol=1e-6)
-  beyond = ~zero & (np.abs(exact) > F32.max)
-  np.testing.assert_array_equal(quotient[beyond], np.sign(g[beyond]) * F32.max)
-  below = ~zero & (np.abs(exact) < F32.tiny)
-  np.testing.assert_allclose(quotient[below], exact[below], rtol=0, atol=F32.tiny)  # or flushed
-  assert np.all(quotient[zero] == 0)
+  quotient = divide_by_scale(jnp.asarray(g, dtype), *map(jnp.asarray, log_scale))
+  assert quotient.dtype == jnp.dtype(dtype)
+  quotient = np.asarray(quotient.astype(jnp.float64 if dtype == 'float64' else jnp.float32))
+  exact = exact_quotients(g, log_scale)
+  info = jnp.finfo(dtype)
+  tiny, largest = float(info.tiny), float(info.max)
+  saturated = np.isinf(row) | np.isinf(col)
+  normal = ~saturated & (np.abs(exact) >= tiny) & (np.abs(exact) <= largest)
+  beyond = ~saturated & (np.abs(exact) > largest)
+  below = ~saturated & (np.abs(exact) < tiny)
+  assert normal.sum() > 1000 and beyond.sum() > 1000 and below.sum() > 1000
+  assert normal[0, 1] and normal[2, 7] and normal[7, 0]  # largest over 1.754^2, and so on
+  assert not np.any(np.isnan(quotient))
+  # Rounded once to dtype: half an ulp, plus a few ulps of the compute dtype.
+  rtol = float(info.eps) / 2 + 8 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps)
+  np.testing.assert_allclose(quotient[normal], exact[normal].astype(np.float64), rtol=rtol, atol=0)
+  np.testing.assert_array_equal(quotient[beyond], np.sign(g[beyond]) * largest)
+  np.testing.assert_allclose(quotient[below], exact[below], rtol=0, atol=tiny)  # or flushed
+  assert np.all(quotient[saturated] == 0)
+
+
+def test_division_of_the_largest_float32_gradient_by_a_scale_above_one():
+  """Issue 11: ``{'Dense_0': [[1.]], 'Dense_1': [[1.754]]}``, a Dense_0 gradient of 3e38:
+  the update is 3e38 / 1.754^2 = 9.7513e37, not the clipped 3.4e38."""
+  params = {
+    'Dense_0': {'kernel': jnp.array([[1.0]])},
+    'Dense_1': {'kernel': jnp.array([[1.754]])},
+  }
+  grads = {'Dense_0': {'kernel': jnp.array([[3e38]])}, 'Dense_1': {'kernel': jnp.array([[0.0]])}}
+  updates = normalize_once(optax_path.path_normalize(2.0), grads, params)
+  expected = float(np.float32(3e38)) / float(np.float32(1.754)) ** 2
+  np.testing.assert_allclose(float(updates['Dense_0']['kernel'][0, 0]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', DIVISION_DTYPES)
+@pytest.mark.parametrize('weight', ['1', 'huge'])
+def test_updates_of_the_largest_gradients_match_exact_division(dtype, weight, x64):
+  """Issue 11: gradients at the top of the range with weights ~1 or ~1e30 (1e200 in
+  float64, 1e3 in float16) gave wrong entries (up to 19x) or NaN. Reference: scales
+  from a float64 brute-force sum over paths of a 2-layer net, exact division."""
+  rng = np.random.default_rng(3)
+  info = jnp.finfo(dtype)
+  big = {'float32': 1e30, 'bfloat16': 1e30, 'float16': 1e2, 'float64': 1e200}[dtype]
+  factor = 1.0 if weight == '1' else big
+  w0 = rng.uniform(0.5, 1.5, (8, 8)) * factor
+  w1 = rng.uniform(0.5, 1.5, (8, 1)) / factor
+  params = {
+    'Dense_0': {'kernel': jnp.asarray(w0, dtype)},
+    'Dense_1': {'kernel': jnp.asarray(w1, dtype)},
+  }
+  w0, w1 = (np.asarray(params[k]['kernel'].astype(jnp.float64)) for k in ('Dense_0', 'Dense_1'))
+  grads = jax.tree.map(lambda w: jnp.full_like(w, float(info.max) * 0.9), params)
+  updates = normalize_once(optax_path.path_normalize(2.0), grads, params)
+  # Two layers: the scale of W0[u, v] is w1[v]^2 (one path), of W1[v] it is sum_u w0[u, v]^2.
+  log_scales = [2 * np.log(np.abs(w1.T)) + 0 * w0, logsumexp(2 * np.log(w0), axis=0)[:, None]]
+  for key, log_scale in zip(('Dense_0', 'Dense_1'), log_scales):
+    g = np.asarray(grads[key]['kernel'].astype(jnp.float64))
+    exact = exact_quotients(g, (log_scale,)).astype(np.float64)
+    actual = np.asarray(updates[key]['kernel'].astype(jnp.float64))
+    expected = np.clip(exact, -float(info.max), float(info.max))
+    assert not np.any(np.isnan(actual))
+    np.testing.assert_allclose(actual, expected, rtol=float(info.eps) + 1e-5)
 
 
 def test_dividing_a_tree_splits_all_layers_together_yet_equals_leaf_by_leaf():

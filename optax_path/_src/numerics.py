@@ -139,9 +139,11 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
   return _where(nonzero, log_total, -jnp.inf)
 
 
-# ln 2 in two parts: ``k * LN2_HIGH`` is exact for |k| < 2^12 (Cody and Waite).
+# ln 2 in two parts: ``k * LN2_HIGH`` is exact for |k| < 2^12 (Cody and Waite). The
+# low part is ``ln 2 - LN2_HIGH`` from the digits of ln 2, not from the rounded ``LN2``,
+# whose error (4e-17) times k = 2^11 would cost float64 quotients 30 ulps.
 _LN2_HIGH = 0.693359375
-_LN2_LOW = LN2 - _LN2_HIGH
+_LN2_LOW = -2.12194440054690582767878542e-4
 _MAX_LOG2 = 2**14  # far beyond any float exponent, and sums of a few stay int32
 
 
@@ -253,34 +255,70 @@ def divide_by_split_scale(update: jax.Array, terms: Sequence[SplitScale]) -> jax
   """``update`` divided by the scale whose terms (one of them biased) are ``terms``.
 
   Each term is split into a mantissa and an exponent of two once, per unit
-  (``split_leaf_scales``); per parameter this costs products by the mantissas and by two
-  exact powers of two built from the summed exponents with a few integer operations,
-  and no transcendental function, which fuses into the optimizer's update.
+  (``split_leaf_scales``); per parameter this costs a few integer operations on the bits
+  of ``g`` and of the summed exponents, and products by the mantissas and by three exact
+  powers of two, with no transcendental function, so it fuses into the optimizer's
+  update:
 
-  A zero scale (a term ``-inf``) gives 0, a quotient beyond the range of the update's
-  dtype gives its largest finite value (with the sign of ``update``), one below the
-  normal range is within the smallest normal number of it (0 where the backend flushes
-  subnormals), and non-finite entries of ``update`` pass through unchanged. The result
-  has ``update``'s dtype.
+  .. math::
+
+    g / s = r \\, m \\, 2^{E}, \\qquad r = g \\, 2^{-e_g}, \\quad
+    m = \\prod_t m_t \\in [0.49, 2.02], \\quad E = e_g + \\sum_t k_t,
+
+  where ``2^e_g`` is ``g``'s power of two with the low ``nexp - 2`` bits of its
+  exponent field cleared (one ``and``), so that ``|r|`` lies in ``[1, 2^64)`` in float32
+  (``[1, 2^512)`` in float64) for every normal ``g``, and ``2^-e_g`` is a normal number.
+  ``r m`` is then a normal number, and ``2^E`` is applied as two powers of two of the
+  same direction, so the running product moves monotonically from ``r m`` to the
+  quotient: it leaves the float range only where the quotient does. (Multiplying ``g``
+  by ``m`` first, as before, overflowed for ``|g|`` near the largest finite value and
+  ``m > 1``, and a single clip of ``E`` could not cover the exponents of both the
+  largest and the smallest ``g``.)
+
+  Saturation: a zero scale (a term ``-inf``) or an infinite one gives 0; a quotient
+  beyond the range of ``update``'s dtype gives its largest finite value (with the sign
+  of ``update``); one below the normal range is within the smallest normal number of
+  it (0 where the backend flushes subnormals; a subnormal ``g`` counts as 0 there too).
+  A NaN term (a NaN log scale: non-finite params, an invalid traced ``p``) gives NaN,
+  and non-finite entries of ``update`` pass through unchanged. The result has
+  ``update``'s dtype. Right wherever the quotient is a normal number of ``update``'s
+  dtype: to a few ulps of the compute dtype (float32 for float16 and bfloat16).
+
+  Args:
+    update: any shape, a floating dtype.
+    terms: ``SplitScale`` terms that broadcast against ``update``, the first biased.
+
+  Returns:
+    ``update / scale``, shape and dtype of ``update``.
   """
   dtype = compute_dtype(update.dtype)
   g = update.astype(dtype)
   info = jnp.finfo(dtype)
-  bias = int(info.maxexp) - 1
+  nmant, bias = int(info.nmant), int(info.maxexp) - 1
   int_dtype = jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
   mantissa, biased = terms[0]
   for term in terms[1:]:
     mantissa, biased = mantissa * term.mantissa, biased + term.power
-  # The exponent ``k`` of the quotient, clipped to [2 low - 1, 2 high], as two exact
-  # powers of two 2^floor(k/2) and 2^ceil(k/2), both of the sign of ``k``: the running
-  # product moves monotonically from g * mantissa to the quotient, so it leaves the
-  # float range only where the quotient does. At the lower clip 2^floor(k/2) is 0 (the
-  # exponent field 0): the quotient is then below 2^-124, and it underflows to 0.
+  # g's exponent field, its low nexp - 2 bits cleared: e_g + bias in {0, Q, 2Q, 3Q}.
+  coarse = jax.lax.bitcast_convert_type(g, int_dtype) & _coarse_exponent_mask(dtype)
+  r = g * jax.lax.bitcast_convert_type(jnp.asarray((2 * bias) << nmant, int_dtype) - coarse, dtype)
+  # The biased exponent E + 2 bias, clipped to [1, 4 bias]: as two exact powers of two
+  # 2^floor(E/2) and 2^ceil(E/2), both normal, both of the sign of E. At the lower clip
+  # 2^floor(E/2) is 0 (the exponent field 0): the quotient is below 2^-187 there, and
+  # at the upper one it is beyond 2^189: both saturate.
+  biased = biased + ((coarse >> nmant) - bias).astype(biased.dtype)
   biased = jnp.minimum(jnp.maximum(biased, 1), 4 * bias).astype(int_dtype)
   half = biased >> 1
-  first = jax.lax.bitcast_convert_type(half << int(info.nmant), dtype)
-  second = jax.lax.bitcast_convert_type((biased - half) << int(info.nmant), dtype)
-  quotient = g * mantissa * first * second
+  first = jax.lax.bitcast_convert_type(half << nmant, dtype)
+  second = jax.lax.bitcast_convert_type((biased - half) << nmant, dtype)
+  quotient = r * mantissa * first * second
   largest = jnp.asarray(jnp.finfo(update.dtype).max, dtype)
   quotient = jnp.minimum(jnp.maximum(quotient, -largest), largest)
   return _where(jnp.isfinite(g), quotient, g).astype(update.dtype)
+
+
+def _coarse_exponent_mask(dtype) -> int:
+  """The top two bits of the exponent field of ``dtype``, in place."""
+  info = jnp.finfo(dtype)
+  nexp, nmant = int(info.nexp), int(info.nmant)
+  return (2**nexp - 2 ** (nexp - 2)) << nmant
