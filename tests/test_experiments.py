@@ -555,8 +555,12 @@ def test_writes_are_atomic(tmp_path):
   path = tmp_path / 'm.csv'
   report.write_csv(path, report.METRIC_COLUMNS, synthetic_rows())
   before = path.read_text()
-  with pytest.raises(KeyError):
-    report.write_csv(path, ['dataset', 'no_such_column'], [{'dataset': 'x'}] * 3 + [None])
+  def failing_rows():
+    yield from synthetic_rows()[:3]
+    raise RuntimeError('interrupted')
+
+  with pytest.raises(RuntimeError):
+    report.write_csv(path, report.METRIC_COLUMNS, failing_rows())
   assert path.read_text() == before  # the failed write left the old file
   assert sorted(p.name for p in tmp_path.iterdir()) == ['m.csv']  # no temporary left
 
