@@ -149,7 +149,11 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
   from optax_path.experiments.training import METHODS
 
   order = list(METHODS) + [m for m in dict.fromkeys(methods) if m not in METHODS]
-  return {m: f'C{i % 10}' for i, m in enumerate(order)}
+  return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(order)}
+
+
+#: Matplotlib's default colours without its grey (C7), which the legend uses for the inits.
+_PALETTE = tuple(f'C{i}' for i in range(10) if i != 7)
 
 
 def plot_figures(rows: Sequence[Row], out_dir: str | os.PathLike[str]) -> list[str]:
@@ -267,7 +271,7 @@ def _legend_handles(colors: dict[str, str], rows: Sequence[Row]) -> list[Any]:
   methods = dict.fromkeys(r['method'] for r in rows)
   inits = dict.fromkeys(r['init'] for r in rows)
   handles = [Line2D([], [], color=colors[m], lw=3, label=m) for m in methods]
-  handles += [Line2D([], [], **_line_style('0.3', i), label=f'{i} init') for i in inits]
+  handles += [Line2D([], [], **_line_style('0.45', i), label=f'{i} init') for i in inits]
   if len({r.get('seed', 0) for r in rows}) > 1:
     handles.append(Patch(color='0.3', alpha=0.15, label='min..max over seeds (line: mean)'))
   handles.append(

@@ -72,14 +72,14 @@ METHODS: dict[str, Method] = {
     'AdaGrad in the path geometry: path_geometry(adagrad), rescaling invariant',
   ),
   'adam': Method(lambda lr, mode: optax.adam(lr), 'Adam (b1 0.9, b2 0.999, eps 1e-8)'),
+  'path-adam': Method(
+    lambda lr, mode: optax_path.path_adam(lr, **mode),
+    'Adam in the path geometry: path_adam, rescaling invariant',
+  ),
   'naive-path-sgd': Method(
     lambda lr, mode: _naive_path_sgd(lr),
     'Path-SGD in plain float arithmetic (the bench reference; not robust: inf/NaN where '
     'the scales leave the float range; MLP only)',
-  ),
-  'path-adam': Method(
-    lambda lr, mode: optax_path.path_adam(lr, **mode),
-    'Adam in the path geometry: path_adam, rescaling invariant',
   ),
 }
 
