@@ -114,7 +114,7 @@ def path_geometry(
     step = transform.divide_by_split_scales(step, sqrt_scales)
     return step, PathGeometryState(inner_state, scales)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, transform.compiled_when_eager(update_fn))
 
 
 INNER_READS_PARAMS_MSG = (
