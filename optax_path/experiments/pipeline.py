@@ -102,7 +102,7 @@ class Experiment:
     self._methods: dict[str, tuple] = {}
 
   def method(self, name: str) -> tuple:
-    """``(transformation, jitted train step)`` of a method, built once."""
+    """``(transformation, jitted training epoch)`` of a method, built once."""
     if name not in self._methods:
       tx = make_optimizer(name, self.mode)
       self._methods[name] = (tx, make_train_epoch(self.model, tx))
