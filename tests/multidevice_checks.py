@@ -6,6 +6,8 @@ not start with ``test_``); run it alone with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/multidevice_checks.py``.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -153,3 +155,60 @@ def test_data_and_model_parallel_path_sgd_training(name):
     if name == 'mlp' and mode:
       hlo = step.lower(sharded, tx.init(sharded), *batches[0]).compile().as_text()
       assert 'all-reduce' in hlo  # the batch gradient is summed over the 'data' axis
+
+
+# --- explicit sharding (jax.make_mesh's default axis types) ------------------------------
+
+
+def mse(model, params, x, y):
+  """A loss whose ops all take explicit shardings (integer-label gathers need out_sharding)."""
+  return jnp.mean((model.apply({'params': params}, x) - jax.nn.one_hot(y, 4)) ** 2)
+
+
+@pytest.mark.parametrize(
+  'axis_type, method',
+  [('Explicit', 'path_sgd'), ('Auto', 'path_sgd'), ('Explicit', 'path_adam'),
+   ('Explicit', 'path_sgd_refresh3')],
+)
+def test_explicit_and_auto_axes_train_like_one_device(axis_type, method):
+  """MLP and general mode: init, 3 jitted steps, path_norm, path_scales, on a (4, 2) mesh
+  whose axes are Explicit or Auto; the same values as one device, shardings kept, and
+  no kernel gathered: only per-unit vectors cross devices."""
+  types = (getattr(jax.sharding.AxisType, axis_type),) * 2
+  m = jax.make_mesh((4, 2), ('data', 'model'), axis_types=types)
+  model, shape, params, inputs, labels = problem('mlp')
+  for mode_name, mode in modes('mlp').items():
+    if method == 'path_sgd_refresh3' and mode:
+      continue  # refresh_every is the MLP mode's
+    tx = {
+      'path_sgd': lambda: optax_path.path_sgd(0.1, **mode),
+      'path_adam': lambda: optax_path.path_adam(1e-2, **mode),
+      'path_sgd_refresh3': lambda: optax_path.path_sgd(0.1, refresh_every=3),
+    }[method]()
+
+    def step(q, s, x, y):
+      updates, s = tx.update(jax.grad(lambda w: mse(model, w, x, y))(q), s, q)
+      return optax.apply_updates(q, updates), s
+
+    expected, state = params, tx.init(params)
+    for _ in range(3):
+      expected, state = jax.jit(step)(expected, state, inputs[0], labels[0])
+    with jax.set_mesh(m):
+      sharded = model_parallel(params, m)
+      x, y = (jax.device_put(b, NamedSharding(m, P('data'))) for b in (inputs[0], labels[0]))
+      trained, state = sharded, tx.init(sharded)
+      for _ in range(3):
+        trained, state = jax.jit(step)(trained, state, x, y)
+      assert_close(trained, expected)
+      for w, w0 in zip(jax.tree.leaves(trained), jax.tree.leaves(sharded)):
+        assert w.sharding.is_equivalent_to(w0.sharding, w0.ndim), (mode_name, w.sharding)
+      norm = jax.jit(lambda q: optax_path.path_norm(q, **mode))
+      np.testing.assert_allclose(norm(sharded), norm(params), rtol=1e-5)
+      assert_close(optax_path.path_scales(sharded, **mode), optax_path.path_scales(params, **mode))
+      hlo = jax.jit(tx.update).lower(sharded, tx.init(sharded), sharded).compile().as_text()
+      gathered = [
+        re.search(r'= \w+\[([\d,]*)\]', line).group(1)
+        for line in hlo.splitlines() if ' all-gather(' in line
+      ]  # a vector (a layer's units, or the batch-1 pass's activations) at most
+      assert all(sum(int(d) > 1 for d in dims.split(',') if d) <= 1 for dims in gathered), (
+        mode_name, gathered)

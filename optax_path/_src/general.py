@@ -203,9 +203,17 @@ def _trace(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) -> _Tra
       raise ValueError(f'apply_fn returned no array: {out!r}.')
     return sum(jnp.sum(o.astype(dtype)) for o in outputs)
 
-  q = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), dtype) for i in indices]
+  q = [_aval(leaves[i], dtype) for i in indices]
   x = jax.ShapeDtypeStruct((1, *input_shape), dtype)
   return _Traced(jax.make_jaxpr(summed_output)(q, x), named_leaves, treedef, indices)
+
+
+def _aval(leaf: jax.Array, dtype) -> jax.ShapeDtypeStruct:
+  """The abstract value of ``leaf`` in ``dtype``, with its sharding where it is split over
+  explicit mesh axes (the traced pass must then agree with the params' shardings)."""
+  if numerics.explicitly_sharded(leaf):
+    return jax.ShapeDtypeStruct(jnp.shape(leaf), dtype, sharding=jax.typeof(leaf).sharding)
+  return jax.ShapeDtypeStruct(jnp.shape(leaf), dtype)
 
 
 def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:

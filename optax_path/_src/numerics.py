@@ -60,8 +60,39 @@ def abs_pow(x: jax.Array, p: Exponent) -> jax.Array:
   return jnp.abs(x) ** p
 
 
+def explicitly_sharded(*arrays) -> bool:
+  """Whether any of ``arrays`` is split over a mesh axis of type ``Explicit``.
+
+  Under explicit sharding (``jax.make_mesh``'s default axis types) every operation
+  must be given operands whose shardings agree; elsewhere sharding is XLA's business.
+  """
+  for a in arrays:
+    sharding = getattr(jax.typeof(a), 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      continue
+    if any(entry is not None for entry in sharding.spec):
+      return True
+  return False
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` itself, resharded to every device where it is split over explicit axes.
+
+  The path scales' per-unit vectors (a layer's ``log gamma``) are tiny; kept whole on
+  every device, they combine with kernels split along either axis, in both passes. A
+  kernel split over its output units gives the forward pass's sums split the same way,
+  and this gathers them: the only communication the passes need (a vector per layer).
+  """
+  if not explicitly_sharded(x):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def _where(condition, x, y) -> jax.Array:
   """``jnp.where`` without its nested ``jit``, which costs compile time for every shape."""
+  if explicitly_sharded(condition, x, y):  # broadcasts that keep the operands' shardings
+    return jnp.where(condition, x, y)
   dtype = jnp.result_type(x, y)
   shape = jnp.broadcast_shapes(jnp.shape(condition), jnp.shape(x), jnp.shape(y))
   condition, x, y = (
@@ -106,7 +137,24 @@ def exponent(x: jax.Array) -> jax.Array:
   return _where(x != 0, e, _NO_EXPONENT)
 
 
-def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent) -> jax.Array:
+def _matvec(x: jax.Array, m: jax.Array) -> jax.Array:
+  """``x @ m`` for a vector ``x``, at full float precision, on ``m`` split any way.
+
+  HIGHEST: no TF32 or bfloat16 passes on GPU and TPU, whose error would show in scales.
+  Under explicit sharding ``x`` is split like the rows of ``m``: each device sums its
+  own rows and the partial sums are added across devices (an all-reduce of a vector),
+  rather than gathering ``m`` (a kernel) onto every device.
+  """
+  if not explicitly_sharded(m):
+    return jnp.matmul(x, m, precision=jax.lax.Precision.HIGHEST)
+  rows, columns = jax.typeof(m).sharding.spec
+  x = jax.sharding.reshard(x, jax.sharding.PartitionSpec(rows))
+  return jnp.matmul(
+    x, m, precision=jax.lax.Precision.HIGHEST, out_sharding=jax.sharding.PartitionSpec(columns)
+  )
+
+
+log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent) -> jax.Array:
   """``log(exp(log_x) @ |w|^p + |b|^p)``, exact over any range of ``log_x`` and ``w``.
 
   Args:
@@ -131,12 +179,11 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
   nonzero = column > _NO_EXPONENT // 2
   column = _where(nonzero, column, 0)
   terms = abs_pow(ldexp(w, k[:, None] - column[None, :]), p)
-  # HIGHEST: no TF32 or bfloat16 passes on GPU and TPU, whose error would show in scales.
-  total = jnp.matmul(x_mantissa, terms, precision=jax.lax.Precision.HIGHEST)
+  total = _matvec(x_mantissa, terms)
   if b is not None:
     total = total + abs_pow(ldexp(b, -column), p)
   log_total = jnp.log(_where(nonzero, total, 1.0)) + p * LN2 * column
-  return _where(nonzero, log_total, -jnp.inf)
+  return replicated(_where(nonzero, log_total, -jnp.inf))
 
 
 # ln 2 in two parts: ``k * LN2_HIGH`` is exact for |k| < 2^12 (Cody and Waite). The

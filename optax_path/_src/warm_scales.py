@@ -99,7 +99,7 @@ def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.A
   total = jnp.sum(numerics.abs_pow(alpha * w * sigma, p), axis=axis)
   if b is not None:  # |b|^p relative to the warm start; inf where far above it (checked)
     total = total + jnp.exp(p * jnp.log(jnp.abs(b)) - log_hint)
-  return jnp.log(total) + log_hint
+  return numerics.replicated(jnp.log(total) + log_hint)
 
 
 def warm_passes(kernels, biases, p: float, hint_in, hint_out):
