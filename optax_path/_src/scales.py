@@ -125,6 +125,11 @@ def check_mode(layers, apply_fn, input_shape) -> None:
     raise ValueError(
       'Pass layers= (MLP mode) or apply_fn= and input_shape= (general mode), not both.'
     )
+  if apply_fn is not None:
+    from optax_path._src import general
+
+    general.check_apply_fn(apply_fn)
+    general.check_input_shape(input_shape)
 
 
 def log_scale_leaves(
