@@ -127,6 +127,69 @@ def test_conv_kernel_is_rejected_with_its_shape():
     normalize(params)
 
 
+def test_cnn_params_in_the_mlp_mode_name_the_general_mode():
+  """A real Flax CNN's params, given without apply_fn=: the error names the fix."""
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+  params = CNN().init(jax.random.key(0), jnp.ones((1, 6, 6, 1)))['params']
+  with pytest.raises(ValueError) as error:
+    normalize(params)
+  message = str(error.value)
+  assert 'Conv_0/kernel (3, 3, 1, 4)' in message and 'general mode' in message
+  assert 'apply_fn=lambda q, x:' in message and 'input_shape=' in message
+  # and the fix it names works
+  tx = optax_path.path_sgd(
+    0.1, apply_fn=lambda q, x: CNN().apply({'params': q}, x), input_shape=(6, 6, 1)
+  )
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize('norm', ['LayerNorm', 'BatchNorm', 'RMSNorm'])
+def test_normalisation_leaves_say_the_network_is_outside_path_sgd(norm):
+  """LayerNorm/BatchNorm leaves: the error says why Path-SGD does not cover them and
+  what masking them means."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(4)(x)
+      h = nn.BatchNorm(use_running_average=True)(h) if norm == 'BatchNorm' else getattr(nn, norm)()(h)
+      return nn.Dense(2)(nn.relu(h))
+
+  params = Net().init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  with pytest.raises(ValueError) as error:
+    normalize(params)
+  message = str(error.value)
+  assert f'{norm}_0/scale (4,)' in message
+  assert 'normalisation layer' in message
+  assert "outside Path-SGD's rescaling argument" in message
+  assert 'rescaling one unit' in message and 'changes the function' in message
+  assert 'trained by the other optimizer' in message
+  assert "invariance no longer holds for the whole network" in message
+  assert 'optax.masked' in message and 'optax.partition' in message
+  # masking them, as the message describes, runs
+  mask = {name: jax.tree.map(lambda _: 'Norm' not in name, layer) for name, layer in params.items()}
+  tx = optax.masked(optax_path.path_normalize(), mask)
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert jnp.all(jnp.isfinite(updates['Dense_0']['kernel']))
+
+
+def test_other_stray_leaves_keep_the_routing_advice():
+  params = chain_params([3, 4, 2])
+  params['Embed_0'] = {'embedding': jnp.ones((5, 3))}
+  with pytest.raises(ValueError) as error:
+    normalize(params)
+  message = str(error.value)
+  assert 'Embed_0/embedding (5, 3)' in message and 'optax.partition' in message
+  assert 'normalisation' not in message
+
+
 def test_chain_that_does_not_fit_names_every_layer():
   params = chain_params([3, 4, 2])
   params['Dense_1']['kernel'] = jnp.ones((5, 2))

@@ -43,6 +43,29 @@ _ROUTING_ADVICE = (
   'exclude them with optax.masked.'
 )
 
+_NORMALISATION_ADVICE = (
+  '{} look like a normalisation layer (LayerNorm, BatchNorm, GroupNorm, '
+  'RMSNorm). A network with normalisation layers is outside Path-SGD\'s rescaling '
+  'argument: a normalisation divides its units by statistics of their values (mean, '
+  'variance), so rescaling one unit (incoming weights times c, outgoing divided by c) '
+  'changes the function, while the network is invariant to rescalings of another kind '
+  '(all incoming weights of a normalised layer times c); path scales, products of weights '
+  'along paths, do not describe it. Path-SGD is meant for ReLU networks without '
+  'normalisation. Masking the normalisation leaves (optax.masked, or '
+  'optax.partition to another optimizer) makes this run: they are then trained by the '
+  'other optimizer, the dense layers get the path scales of the network without the '
+  'normalisation, and Path-SGD\'s invariance no longer holds for the whole network.'
+)
+
+_NORMALISATION_NAME = re.compile(r'norm', re.IGNORECASE)
+
+
+def _looks_like_normalisation(path: KeyPath) -> bool:
+  """A leaf of LayerNorm, BatchNorm, GroupNorm, RMSNorm (Linen or NNX), or a ``scale``."""
+  return bool(path) and (
+    path[-1] in ('scale', 'mean', 'var') or any(_NORMALISATION_NAME.search(p) for p in path[:-1])
+  )
+
 
 class DenseLayer(NamedTuple):
   """Where one dense layer's leaves sit in the flattened params.
@@ -188,8 +211,13 @@ def _check_layer(path: KeyPath, children: dict[str, int], named_leaves) -> Dense
   if getattr(kernel, 'ndim', None) != 2:
     raise ValueError(
       f'{_describe(path + ("kernel",), kernel)}: a dense kernel must be 2-D, (in, out). '
-      'For convolutions and other layers, use the general mode (apply_fn=, input_shape=). '
-      + _ROUTING_ADVICE
+      'This is the MLP mode, which reads a chain of dense layers from the params. For '
+      'convolutions and any other ReLU network, use the general mode: pass the forward '
+      'pass and the shape of one input, e.g. optax_path.path_sgd(lr, apply_fn=lambda q, x: '
+      "model.apply({'params': q}, x), input_shape=(28, 28, 1)) (path_normalize, "
+      'path_adam, path_scales and path_norm take apply_fn= and input_shape= too). (Routing '
+      'the conv leaves elsewhere with optax.partition or optax.masked would give the dense '
+      'layers the scales of another network, one without the convolutions.)'
     )
   _check_float_leaf(path + ('kernel',), kernel)
   if 0 in kernel.shape:
@@ -250,11 +278,24 @@ def _check_coverage(chain: set[KeyPath], named_leaves) -> None:
     if not _is_masked(leaf) and not (path[:-1] in chain and path[-1] in ('kernel', 'bias'))
   ]
   if stray:
+    norms = [
+      _describe(path, leaf)
+      for path, leaf in named_leaves
+      if not _is_masked(leaf)
+      and not (path[:-1] in chain and path[-1] in ('kernel', 'bias'))
+      and _looks_like_normalisation(path)
+    ]
     raise ValueError(
       'These params leaves are not the kernel or bias of a dense layer in the chain: '
       + '; '.join(stray)
       + '. '
-      + _ROUTING_ADVICE
+      + (
+        _NORMALISATION_ADVICE.format(
+          'They' if len(norms) == len(stray) else 'Of these, ' + '; '.join(norms)
+        )
+        if norms
+        else _ROUTING_ADVICE
+      )
     )
 
 
