@@ -77,9 +77,16 @@ LogScale = tuple[jax.Array, ...]  # terms that broadcast to a leaf and sum to it
 
 
 def log_gammas(kernels, biases, p) -> tuple[list[jax.Array], list[jax.Array]]:
-  """``(log gamma_in, log gamma_out)`` of every layer's units, by the exact passes."""
+  """``(log gamma_in, log gamma_out)`` of every layer's units, by the exact passes.
+
+  All NaN if a weight or bias is not finite, or a traced ``p`` is out of range
+  (``numerics.surface_invalid``).
+  """
   kernels, biases = in_compute_dtype(kernels, biases)
-  return log_gamma_in(kernels, biases, p), log_gamma_out(kernels, p)
+  guarded = numerics.guard_p(p)
+  log_in, log_out = log_gamma_in(kernels, biases, guarded), log_gamma_out(kernels, guarded)
+  vectors = numerics.surface_invalid(log_in + log_out, p)
+  return vectors[: len(log_in)], vectors[len(log_in) :]
 
 
 def layer_log_scales(log_in, log_out, biases, p) -> tuple[list[LogScale], list[LogScale | None]]:
@@ -106,7 +113,8 @@ def _formed_scales(kernels, biases, p):
 
 def _log_path_norm_of_layers(kernels, biases, p) -> jax.Array:
   kernels, biases = in_compute_dtype(kernels, biases)
-  return jax.nn.logsumexp(log_gamma_in(kernels, biases, p)[-1]) / p
+  log_in = numerics.surface_invalid(log_gamma_in(kernels, biases, numerics.guard_p(p)), p)
+  return jax.nn.logsumexp(log_in[-1]) / p
 
 
 exact_log_gammas = compiled_for_concrete_p(log_gammas)
