@@ -230,9 +230,9 @@ def test_numbered_family_that_does_not_chain_is_refused_even_when_another_order_
 def test_layer_order_errors():
   model = AutoEncoder()
   params = model.init(jax.random.key(0), jnp.ones((1, 6)))['params']
-  with pytest.raises(ValueError, match='apply_fn must be callable'):
+  with pytest.raises(ValueError, match='apply_fn must be the forward pass.*not callable'):
     optax_path.layer_order(params, apply_fn=None, input_shape=(6,))
-  with pytest.raises(ValueError, match="input_shape must be .*'6'"):
+  with pytest.raises(ValueError, match="input_shape must be the shape of one input.*'6'"):
     optax_path.layer_order(params, apply_fn=linen_apply(model), input_shape='6')
   with pytest.raises(ValueError, match=re.escape('(1, *input_shape) = (1, 7)')):
     optax_path.layer_order(params, apply_fn=linen_apply(model), input_shape=(7,))

@@ -16,6 +16,7 @@ import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 
+from optax_path._src import general
 from optax_path._src import layers as layers_lib
 
 _INNER_JAXPR_PARAMS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
@@ -94,9 +95,8 @@ def layer_order(
     ...                        input_shape=(4,))
     ['encoder', 'decoder']
   """
-  if not callable(apply_fn):
-    raise ValueError(f'apply_fn must be callable, apply_fn(params, x); got {apply_fn!r}.')
-  shape = _input_shape(input_shape)
+  general.check_apply_fn(apply_fn)
+  shape = general.check_input_shape(input_shape)
   named_leaves, treedef = layers_lib.flatten_with_names(params)
   leaves = [leaf for _, leaf in named_leaves]
   arrays = [i for i, leaf in enumerate(leaves) if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')]
@@ -137,14 +137,3 @@ def layer_order(
     )
   return [layers_lib.format_path(kernels[i]) for i in order]
 
-
-def _input_shape(input_shape: Any) -> tuple[int, ...]:
-  if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, '__iter__'):
-    raise ValueError(
-      'input_shape must be the shape of one input without the batch axis, a tuple of ints '
-      f'such as (784,) or (28, 28, 1); got {input_shape!r}.'
-    )
-  shape = tuple(input_shape)
-  if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-    raise ValueError(f'input_shape must hold sizes > 0 (ints), got {input_shape!r}.')
-  return shape
