@@ -593,8 +593,9 @@ def test_resume_runs_only_the_missing_seeds(tmp_path):
   again = report.read_csv(fresh / 'metrics.csv')
   for a, b in zip(again, both):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-12)  # same as one go
+  assert reproduce_on_small_digits(*common, '--dropout', '0.5', '--resume') == 2  # other runs
   with pytest.raises(ValueError, match='resume'):
-    reproduce_on_small_digits(*common, '--dropout', '0.5', '--resume')
+    reproduce_on_small_digits(*common, '--dropout', '0.5', '--resume', '--debug')
 
 
 def test_train_size_takes_a_fixed_subset():

@@ -11,12 +11,15 @@ balanced and the unbalanced initialisation, writing ``metrics.csv``, ``selection
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from optax_path.experiments import bench, data, report
+import numpy as np
+
+from optax_path.experiments import bench, data, report, rundir
 from optax_path.experiments.pipeline import Config, reproduce, show
 from optax_path.experiments.training import METHODS
 
@@ -62,13 +65,87 @@ def parse_lr(text: str) -> tuple[str, float]:
     raise argparse.ArgumentTypeError(f'expected METHOD=VALUE, got {text!r}')
   if method not in METHODS:
     raise argparse.ArgumentTypeError(f'unknown method {method!r}; choose from {", ".join(METHODS)}')
+  return method, step_size(value)
+
+
+#: Exit status of a user error (an option, a missing data set, an unusable file).
+USER_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
+def step_size(text: str) -> float:
+  """A step size: a finite number > 0.
+
+  Example:
+    >>> step_size('1e-2')
+    0.01
+  """
   try:
-    lr = float(value)
+    lr = float(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f'not a number: {value!r}') from None
-  if not lr > 0:
-    raise argparse.ArgumentTypeError(f'step size must be positive, got {value!r}')
-  return method, lr
+    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  if not (math.isfinite(lr) and lr > 0):
+    raise argparse.ArgumentTypeError(f'a step size must be a finite number > 0, got {text!r}')
+  return lr
+
+
+def alpha_value(text: str) -> float:
+  """An alpha of ``--alphas``: a finite number whose step ``10^-alpha`` is a finite number > 0.
+
+  Example:
+    >>> alpha_value('2.5')
+    2.5
+  """
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  try:
+    lr = 10.0 ** (-value) if math.isfinite(value) else math.nan
+  except OverflowError:
+    lr = math.inf
+  if not (math.isfinite(lr) and lr > 0):
+    power = f'10^-({text})' if text.strip().startswith('-') else f'10^-{text}'
+    raise argparse.ArgumentTypeError(
+      f'alpha {text!r} gives the step {power}, not a finite number > 0 (float64 holds '
+      'alphas from about -308 to 323)'
+    )
+  return value
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+  """An argparse type: an integer in ``[low, high]``."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'not an integer: {text!r}') from None
+    if value < low or (high is not None and value > high):
+      bound = f'at least {low}' if high is None else f'from {low} to {high}'
+      raise argparse.ArgumentTypeError(f'must be {bound}, got {text!r}')
+    return value
+
+  parse.__name__ = 'integer'
+  return parse
+
+
+positive = integer(1)
+#: Seeds feed ``jax.random.key`` and NumPy's generators: 0 .. 2^32 - 1.
+MAX_SEED = 2**32 - 1
+seed_value = integer(0, MAX_SEED)
+
+
+def fraction(text: str) -> float:
+  """A dropout rate in ``[0, 1)``."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f'must be in [0, 1), got {text!r}')
+  return value
 
 
 def methods_epilog() -> str:
@@ -112,24 +189,24 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     '--hidden',
-    type=int,
+    type=positive,
     nargs='+',
     metavar='H',
     help=f'hidden layer widths (default: {show(DEFAULTS["hidden"]["mlp"])}; paper: 4000 '
     f'4000), or conv channels with --model cnn (default: {show(DEFAULTS["hidden"]["cnn"])})',
   )
   p.add_argument(
-    '--epochs', type=int, help=f'epochs of the final runs (default: {DEFAULTS["epochs"]})'
+    '--epochs', type=positive, help=f'epochs of the final runs (default: {DEFAULTS["epochs"]})'
   )
   p.add_argument(
     '--search-epochs',
-    type=int,
+    type=positive,
     help=f'epochs of each step-size search run (default: {DEFAULTS["search_epochs"]})',
   )
-  p.add_argument('--batch-size', type=int, help='mini-batch size (default: 100)')
+  p.add_argument('--batch-size', type=positive, help='mini-batch size (default: 100)')
   p.add_argument(
     '--train-size',
-    type=int,
+    type=positive,
     metavar='N',
     help='train on a fixed random subset of N training examples (the same for every '
     'seed; the validation split is taken from it; default: all), to size a run to the '
@@ -137,20 +214,20 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     '--dropout',
-    type=float,
+    type=fraction,
     default=0.0,
     help='drop probability of hidden units; retain probability is 1-dropout '
     '(default: 0; paper: 0 and 0.5)',
   )
   p.add_argument(
     '--seed',
-    type=int,
+    type=seed_value,
     default=0,
     help='first seed (init, unbalancing, validation split, batches, dropout; default: 0)',
   )
   p.add_argument(
     '--seeds',
-    type=int,
+    type=seed_value,
     nargs='+',
     metavar='S',
     help='one number N: train every method and init from N seeds, --seed to --seed+N-1; '
@@ -174,7 +251,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     '--unbalanced-units',
-    type=int,
+    type=positive,
     metavar='K',
     help='hidden units rescaled by the unbalanced init, drawn with replacement '
     "(default: round(2000 * total hidden / 8000), as the paper's 2000 of 2x4000)",
@@ -190,7 +267,7 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     '--alphas',
-    type=float,
+    type=alpha_value,
     nargs='+',
     metavar='ALPHA',
     help=f'step sizes 10^-alpha to search (default: {show(DEFAULTS["alphas"])}; paper: '
@@ -236,6 +313,12 @@ def add_reproduce_parser(subparsers: argparse._SubParsersAction) -> None:
     action='store_true',
     help='keep the finished runs and step searches in --out and run only the missing '
     '(method, init, seed) runs (e.g. more --seeds later, or after an interruption)',
+  )
+  p.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace the run already in --out (its files are deleted first); without it '
+    '(or --resume), an --out holding a run is refused',
   )
 
 
@@ -288,12 +371,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
   )
   p.add_argument(
     '--rounds',
-    type=int,
+    type=positive,
     help=f'timed steps of each method, one per round (default: {BENCH_DEFAULTS["rounds"]})',
   )
   p.add_argument(
     '--warmup',
-    type=int,
+    type=integer(0),
     help=f'untimed steps of each method first (default: {BENCH_DEFAULTS["warmup"]})',
   )
   p.add_argument(
@@ -302,7 +385,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     default='float32',
     help='dtype of the params and inputs (default: %(default)s)',
   )
-  p.add_argument('--out', help='also write bench.json and bench.md into this directory')
+  p.add_argument(
+    '--out',
+    help='also write bench.json and bench.md into this directory (checked before the '
+    'benchmark starts)',
+  )
+  p.add_argument(
+    '--overwrite', action='store_true', help='replace bench.json and bench.md already in --out'
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
   add_reproduce_parser(subparsers)
   add_plot_parser(subparsers)
   add_bench_parser(subparsers)
+  for sub in subparsers.choices.values():
+    sub.add_argument(
+      '--debug',
+      action='store_true',
+      help='show the traceback of an error (by default, one line and exit status 2)',
+    )
+  return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+  """The parser of subcommand ``name`` (its usage goes with its errors), else ``parser``."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+      return action.choices[name]
   return parser
 
 
@@ -370,6 +474,9 @@ def seed_list(
 
 def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
   """Resolves the ``reproduce`` options (defaults, ``--paper``) and checks them."""
+  parser = command_parser(parser, 'reproduce')
+  if args.resume and args.overwrite:
+    parser.error('--resume keeps the run in --out and --overwrite replaces it: choose one')
   if args.paper and args.model != 'mlp':
     parser.error("--paper is the paper's MLP configuration; it does not apply to --model cnn")
   hidden = _pick(args, 'hidden')
@@ -403,6 +510,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     quiet=args.quiet,
     resume=args.resume,
     train_size=args.train_size,
+    overwrite=args.overwrite,
   )
   check_config(config, parser)
   return config
@@ -423,10 +531,31 @@ def check_config(config: Config, parser: argparse.ArgumentParser) -> None:
     parser.error('--hidden widths must be at least 1')
   if not 0 <= config.dropout < 1:
     parser.error('--dropout must be in [0, 1)')
+  if config.seeds and max(config.seeds) > MAX_SEED:
+    parser.error(f'--seed + --seeds goes past the largest seed, {MAX_SEED}')
+  # A step in the run's dtype must be a normal number: 10^-alpha of the grid (and of its
+  # extension to 0..10) and the --lr values.
+  info = np.finfo(config.dtype)
+  tiny, largest = float(info.tiny), float(info.max)
+  steps = {f'--lr {m}={v:g}': v for m, v in config.learning_rates.items()}
+  steps.update({f'--alphas {a:g}': 10.0 ** (-a) for a in config.alphas})
+  for name, lr in steps.items():
+    if not tiny <= lr <= largest:
+      parser.error(
+        f'{name}: the step {lr:g} is outside the range of {config.dtype} '
+        f'({tiny:g} to {largest:g})'
+      )
 
 
 def plot_command(args: argparse.Namespace) -> None:
   """Combines run directories into one figure (and optionally one summary)."""
+  for path, option in ((args.out, '--out'), (args.summary, '--summary')):
+    if path:
+      rundir.check_writable(os.path.dirname(path) or '.', option)
+  for run_dir in args.run_dirs:
+    warning = rundir.check_run_dir(run_dir)
+    if warning:
+      print(f'optax-path plot: warning: {warning}', file=sys.stderr)
   metrics, chosen = report.combine_runs({d: report.load_run(d) for d in args.run_dirs})
   report.plot(metrics, args.out)
   written = [args.out]
@@ -437,14 +566,35 @@ def plot_command(args: argparse.Namespace) -> None:
 
 
 def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  """Runs the benchmark, prints its tables and writes them under ``--out``."""
+  """Runs the benchmark, prints its tables and writes them under ``--out``.
+
+  ``--out`` is checked before the benchmark starts, so that its results are not lost.
+  """
+  parser = command_parser(parser, 'bench')
   chosen = BENCH_QUICK if args.quick else BENCH_DEFAULTS
   rounds, warmup = _or(args.rounds, chosen['rounds']), _or(args.warmup, chosen['warmup'])
   if rounds < 1 or warmup < 0:
     parser.error('--rounds must be at least 1 and --warmup at least 0')
+  if args.out:
+    rundir.check_writable(args.out)
+    present = [n for n in bench.OUTPUT_FILES if os.path.exists(os.path.join(args.out, n))]
+    if present and not args.overwrite:
+      raise rundir.UserError(
+        f'--out {args.out} already holds {", ".join(present)}; pass --overwrite to replace '
+        'them, or choose another --out.'
+      )
   configs = tuple(dict.fromkeys(_or(args.configs, chosen['configs'])))
-  result = bench.run_bench(configs, rounds=rounds, warmup=warmup, dtype=args.dtype)
-  result['options']['command'] = {k: v for k, v in vars(args).items() if k != 'command'}
+  print(
+    f'bench: {len(configs)} config(s) ({", ".join(configs)}), {args.dtype}: each method '
+    f'compiled, {warmup} warm-up steps, then {rounds} interleaved timed rounds.',
+    file=sys.stderr,
+  )
+  result = bench.run_bench(
+    configs, rounds=rounds, warmup=warmup, dtype=args.dtype, progress=_progress
+  )
+  result['options']['command'] = {
+    k: v for k, v in vars(args).items() if k not in ('command', 'debug')
+  }
   print(bench.format_markdown(result), end='')
   if args.out:
     bench.write_outputs(result, args.out)
@@ -455,8 +605,26 @@ def _or(value: object, default: object) -> object:
   return default if value is None else value
 
 
+def _progress(line: str) -> None:
+  """Prints a progress line of ``bench`` (to stderr: stdout holds the report)."""
+  print(f'bench: {line}', file=sys.stderr, flush=True)
+
+
+def user_message(exc: BaseException) -> str:
+  """The text of a user error for the command line (options named as flags)."""
+  text = str(exc)
+  if isinstance(exc, data.DatasetNotFoundError):
+    text = text.replace('data_dir=...', '--data-dir DIR')
+  return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``python -m optax_path.experiments`` and ``optax-path``.
+
+  A user error (an option, a missing data set, an unusable file or directory) prints a
+  short message (the traceback with ``--debug``) and returns 2; Ctrl-C prints one line
+  and returns 130 (from the command line, ``argv`` None, it ends the process at once with
+  ``os._exit``: the interpreter's teardown with JAX's threads mid-work could crash).
 
   Args:
     argv: Arguments (default: ``sys.argv[1:]``).
@@ -466,12 +634,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.command == 'reproduce':
-    reproduce(make_config(args, parser))
-  elif args.command == 'bench':
-    bench_command(args, parser)
-  else:
-    plot_command(args)
+  prog = f'{parser.prog} {args.command}'
+  try:
+    if args.command == 'reproduce':
+      reproduce(make_config(args, parser))
+    elif args.command == 'bench':
+      bench_command(args, parser)
+    else:
+      plot_command(args)
+  except KeyboardInterrupt:
+    if args.debug:
+      raise
+    where = ''
+    if args.command == 'reproduce':
+      out = args.out or default_out(args.dataset, args.dropout)
+      if os.path.exists(os.path.join(out, rundir.MARKER)):
+        where = f'; the runs finished so far are in {out} (go on with --resume)'
+    print(f'\n{prog}: interrupted{where}', file=sys.stderr)
+    if argv is None:  # the command line: end now, without the interpreter's teardown
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(INTERRUPTED)
+    return INTERRUPTED
+  except (rundir.UserError, data.DatasetNotFoundError) as exc:
+    if args.debug:
+      raise
+    print(f'{prog}: error: {user_message(exc)}', file=sys.stderr)
+    return USER_ERROR
   return 0
 
 

@@ -337,7 +337,12 @@ def resolve(config: str | BenchConfig) -> BenchConfig:
 
 
 def run_bench(
-  configs: Sequence[str | BenchConfig], *, rounds: int = 20, warmup: int = 3, dtype: str = 'float32'
+  configs: Sequence[str | BenchConfig],
+  *,
+  rounds: int = 20,
+  warmup: int = 3,
+  dtype: str = 'float32',
+  progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
   """Runs the benchmark.
 
@@ -346,6 +351,7 @@ def run_bench(
     rounds: Timed steps of each method (interleaved, one per round).
     warmup: Untimed steps of each method first.
     dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the params and the inputs.
+    progress: Called with a line before and after each configuration (outside the timing).
 
   Returns:
     ``{"device", "options", "configs"}``: the device description
@@ -357,7 +363,19 @@ def run_bench(
   if rounds < 1 or warmup < 0:
     raise ValueError(f'need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}')
   resolved = [resolve(c) for c in configs]
-  results = [bench_config(c, rounds=rounds, warmup=warmup, dtype=DTYPES[dtype]) for c in resolved]
+  results = []
+  for i, c in enumerate(resolved, 1):
+    net = f'784-{"-".join(map(str, c.hidden))}-10, batch {c.batch_size}'
+    if progress:
+      progress(f'[{i}/{len(resolved)}] {c.name} ({net}): {len(BASELINES)} methods ...')
+    start = time.perf_counter()
+    results.append(bench_config(c, rounds=rounds, warmup=warmup, dtype=DTYPES[dtype]))
+    if progress:
+      steps = ', '.join(
+        f'{name} {m["median_ms"]:.3g} ms' for name, m in results[-1]['methods'].items()
+      )
+      seconds = time.perf_counter() - start
+      progress(f'[{i}/{len(resolved)}] {c.name} done in {seconds:.0f} s: {steps}')
   return {
     'device': describe_device(),
     'options': {
@@ -438,10 +456,16 @@ def format_markdown(result: Mapping[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+#: The files :func:`write_outputs` writes.
+OUTPUT_FILES = ('bench.json', 'bench.md')
+
+
 def write_outputs(result: Mapping[str, Any], out: str) -> None:
-  """Writes ``out/bench.json`` (all numbers) and ``out/bench.md`` (the report)."""
+  """Writes ``out/bench.json`` (all numbers) and ``out/bench.md`` (the report), atomically."""
+  from optax_path.experiments.report import atomic_open
+
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'bench.json'), 'w') as f:
+  with atomic_open(os.path.join(out, 'bench.json')) as f:
     json.dump(result, f, indent=2)
-  with open(os.path.join(out, 'bench.md'), 'w') as f:
+  with atomic_open(os.path.join(out, 'bench.md')) as f:
     f.write(format_markdown(result))

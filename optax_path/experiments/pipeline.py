@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import optax_path
-from optax_path.experiments import data, models, report, selection
+from optax_path.experiments import data, models, report, rundir, selection
 from optax_path.experiments.training import (
   EVAL_CHUNK,
   RunSpec,
@@ -70,6 +70,7 @@ class Config:
   quiet: bool
   resume: bool = False
   train_size: int | None = None
+  overwrite: bool = False
 
 
 class Experiment:
@@ -234,13 +235,13 @@ def subsample_train(dataset: data.Dataset, size: int | None) -> data.Dataset:
   the same for every ``--seed``; the test set is kept whole.
 
   Raises:
-    ValueError: If ``size`` is not between 1 and the number of training examples.
+    UserError: If ``size`` is not between 1 and the number of training examples.
   """
   n = len(dataset.train_labels)
   if size is None or size == n:
     return dataset
   if not 1 <= size <= n:
-    raise ValueError(f'--train-size must be between 1 and {n}, got {size}.')
+    raise rundir.UserError(f'--train-size must be between 1 and {n}, got {size}.')
   keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(n)[:size])
   images, labels = dataset.train_images[keep], dataset.train_labels[keep]
   return dataset._replace(train_images=images, train_labels=labels)
@@ -262,7 +263,6 @@ def preamble(
     if config.search_init == 'balanced'
     else 'separately for each init'
   )
-  fixed = ', '.join(f'{m}={v:g}' for m, v in config.learning_rates.items()) or 'none'
   return [
     (
       f'Data: {dataset.name}, {n} training{subset} and {len(dataset.test_labels)} test '
@@ -273,17 +273,35 @@ def preamble(
       f'units rescaled, {SCHEME_TEXT[config.unbalanced_scheme]}.'
     ),
     '',
-    (
-      f'Step sizes 10^-alpha, alpha in {{{show(config.alphas)}}}, chosen {search}: '
-      f'{config.search_epochs} epochs on {n - val} examples, validation on the other {val} '
-      f'(lowest validation error, reached first; the grid extended one step at a time '
-      f'while the choice was at its end, within 0..10), on seed {config.seeds[0]}. Fixed '
-      f'by --lr: {fixed}.'
-    ),
+    step_sizes_line(config, search, n - val, val),
     '',
     f'Wall time: {seconds:.0f} s'
     + (' (this invocation, which resumed an earlier one).' if config.resume else '.'),
   ]
+
+
+def step_sizes_line(config: Config, search: str, fit: int, val: int) -> str:
+  """The ``summary.md`` sentence on how the step sizes were chosen: by ``--lr`` or searched.
+
+  Example:
+    >>> c = Config('digits', None, 'mlp', (8,), 1, 1, 10, 0.0, (0,), ('path-sgd',),
+    ...            ('balanced',), 1, 'authors', (1, 2), {'path-sgd': 0.1}, 'balanced',
+    ...            'float64', 'out', True)
+    >>> step_sizes_line(c, 'on the balanced init', 80, 20)
+    'Step sizes fixed by --lr: path-sgd 0.1 (no step-size search).'
+  """
+  fixed = {m: v for m, v in config.learning_rates.items() if m in config.methods}
+  searched = [m for m in config.methods if m not in fixed]
+  fixed_text = ', '.join(f'{m} {v:g}' for m, v in fixed.items())
+  if not searched:
+    return f'Step sizes fixed by --lr: {fixed_text} (no step-size search).'
+  text = (
+    f'Step sizes of {", ".join(searched)}: 10^-alpha, alpha in {{{show(config.alphas)}}}, '
+    f'chosen {search}: {config.search_epochs} epochs on {fit} examples, validation on the '
+    f'other {val} (lowest validation error, reached first; the grid extended one step at '
+    f'a time while the choice was at its end, within 0..10), on seed {config.seeds[0]}.'
+  )
+  return text + (f' Fixed by --lr: {fixed_text}.' if fixed else '')
 
 
 def _network(config: Config) -> str:
@@ -295,45 +313,62 @@ def _network(config: Config) -> str:
 def reproduce(config: Config) -> list[str]:
   """Runs the experiment and writes its outputs to ``config.out``.
 
+  ``config.out`` is checked first (see :func:`rundir.check_out`), and marked as
+  holding an incomplete run until the last file is written.
+
   Returns:
     The paths written.
+
+  Raises:
+    UserError: For an unusable ``config.out`` or a damaged data file.
+    DatasetNotFoundError: If the data set is missing and cannot be downloaded.
   """
   start = time.perf_counter()
-  dataset = data.load_dataset(config.dataset, config.data_dir)
+  rundir.check_out(config.out, resume=config.resume, overwrite=config.overwrite)
+  load_previous(config)  # an earlier run that cannot be resumed: refused before any work
+  try:
+    dataset = data.load_dataset(config.dataset, config.data_dir)
+  except ValueError as exc:  # a damaged data file
+    raise rundir.UserError(str(exc)) from exc
   full_train = len(dataset.train_labels)
   dataset = subsample_train(dataset, config.train_size)
+  rundir.begin(config.out, overwrite=config.overwrite and not config.resume)
   with jax.enable_x64(config.dtype == 'float64'):
     metrics, chosen = run_all(config, dataset)
   written = [os.path.join(config.out, n) for n in ('metrics.csv', 'selection.csv')]
+  written = [p for p in written if os.path.exists(p)]  # no selection.csv if every step is fixed
   written += report.plot_figures(metrics, config.out)
   lines = preamble(config, dataset, time.perf_counter() - start, full_train)
   summary = os.path.join(config.out, 'summary.md')
   report.write_summary(summary, metrics, chosen, lines)
   written.append(summary)
+  rundir.finish(config.out)
   print('Wrote ' + ', '.join(written))
   return written
 
 
-def load_previous(config: Config, dataset: data.Dataset) -> tuple[list[dict], list[dict]]:
+def load_previous(
+  config: Config, dataset: data.Dataset | None = None
+) -> tuple[list[dict], list[dict]]:
   """The rows of an earlier run in ``config.out`` to resume from (``--resume``).
 
   Returns:
     ``(metrics rows, selection rows)``; empty without ``--resume`` or earlier files.
 
   Raises:
-    ValueError: If the earlier rows are of another data set or dropout rate.
+    UserError: If the earlier rows are of another data set or dropout rate, or a file
+      is damaged.
   """
   path = os.path.join(config.out, 'metrics.csv')
   if not (config.resume and os.path.exists(path)):
     return [], []
   metrics, chosen = report.load_run(config.out)
-  other = {(r['dataset'], float(r['dropout'])) for r in metrics} - {
-    (dataset.name, float(config.dropout))
-  }
+  name = dataset.name if dataset is not None else config.dataset
+  other = {(r['dataset'], float(r['dropout'])) for r in metrics} - {(name, float(config.dropout))}
   if other:
-    raise ValueError(
+    raise rundir.UserError(
       f'--resume: {path} holds runs of {sorted(other)}, not of '
-      f'{dataset.name} with dropout {config.dropout:g}; choose another --out.'
+      f'{name} with dropout {config.dropout:g}; choose another --out.'
     )
   return metrics, chosen
 

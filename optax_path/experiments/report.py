@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from optax_path.experiments.rundir import UserError
+
 METRIC_COLUMNS = (
   'dataset',
   'method',
@@ -96,10 +98,50 @@ def _format(value: Any) -> Any:
   return repr(float(value)) if isinstance(value, (float, np.floating)) else value
 
 
-def read_csv(path: str | os.PathLike[str]) -> list[Row]:
-  """Reads a CSV written by :func:`write_csv`, parsing numbers (``nan``/``inf`` too)."""
-  with open(path, newline='') as f:
-    return [{k: _parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+#: Columns ``plot`` and ``--resume`` need in each file (older files may lack ``seed``).
+REQUIRED_METRIC_COLUMNS = tuple(c for c in METRIC_COLUMNS if c not in ('seed', 'seconds'))
+REQUIRED_SELECTION_COLUMNS = tuple(
+  c for c in SELECTION_COLUMNS if c not in ('seed', 'final_val_error', 'diverged', 'extended')
+)
+
+
+def read_csv(path: str | os.PathLike[str], required: Sequence[str] = ()) -> list[Row]:
+  """Reads a CSV written by :func:`write_csv`, parsing numbers (``nan``/``inf`` too).
+
+  Raises:
+    UserError: In one line naming the file (and line): an empty file, a missing
+      ``required`` column, a row with too few or too many fields (cut or damaged) or a
+      value that does not parse.
+  """
+  rows = []
+  try:
+    with open(path, newline='') as f:
+      reader = csv.DictReader(f)
+      if reader.fieldnames is None:
+        raise UserError(f'{path}: empty file (not even a header).')
+      missing = [c for c in required if c not in reader.fieldnames]
+      if missing:
+        raise UserError(f'{path}: no column {", ".join(missing)} in its header.')
+      for row in reader:
+        extra = row.pop(None, [])
+        fields = sum(v is not None for v in row.values()) + len(extra)
+        if fields != len(reader.fieldnames):
+          raise UserError(
+            f'{path}, line {reader.line_num}: {fields} fields where the header has '
+            f'{len(reader.fieldnames)} (a cut or damaged row).'
+          )
+        parsed = {}
+        for k, v in row.items():
+          try:
+            parsed[k] = _parse(k, v)
+          except ValueError:
+            raise UserError(
+              f'{path}, line {reader.line_num}: column {k}: {v!r} is not a number.'
+            ) from None
+        rows.append(parsed)
+  except (csv.Error, UnicodeDecodeError) as exc:
+    raise UserError(f'{path}: not a readable CSV file ({exc}).') from None
+  return rows
 
 
 def _parse(column: str, value: str) -> Any:
@@ -613,8 +655,17 @@ def combine_runs(runs: dict[str, tuple[list[Row], list[Row]]]) -> tuple[list[Row
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[list[Row], list[Row]]:
-  """Reads ``metrics.csv`` and (if present) ``selection.csv`` of a run directory."""
-  metrics = read_csv(os.path.join(run_dir, 'metrics.csv'))
+  """Reads ``metrics.csv`` and (if present) ``selection.csv`` of a run directory.
+
+  Raises:
+    UserError: If a file is damaged (see :func:`read_csv`) or ``metrics.csv`` has no rows.
+  """
+  path = os.path.join(run_dir, 'metrics.csv')
+  metrics = read_csv(path, REQUIRED_METRIC_COLUMNS)
+  if not metrics:
+    raise UserError(f'{path}: no rows, only a header (no run finished).')
   selection_path = os.path.join(run_dir, 'selection.csv')
-  selection = read_csv(selection_path) if os.path.exists(selection_path) else []
+  selection = (
+    read_csv(selection_path, REQUIRED_SELECTION_COLUMNS) if os.path.exists(selection_path) else []
+  )
   return metrics, selection
