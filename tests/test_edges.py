@@ -224,3 +224,80 @@ def test_a_non_finite_param_gives_nan_updates_everywhere(where, value, warm):
   # Finite again: the state's NaN warm start is not trusted, the update is right.
   updates, _ = jax.jit(tx.update)(grads, state, params)
   np.testing.assert_allclose(updates['Dense_1']['bias'], [1.0])
+
+
+# --- rescale and rebalance: checked at the door, never out of the range ----------------
+
+
+def three_layer_net(dtype=jnp.float32):
+  rng = np.random.default_rng(4)
+  return {
+    'Dense_0': {'kernel': jnp.asarray(rng.normal(size=(3, 4)), dtype), 'bias': jnp.ones(4, dtype)},
+    'Dense_1': {'kernel': jnp.asarray(rng.normal(size=(4, 2)), dtype)},
+  }
+
+
+def forward(params, x):
+  h = jax.nn.relu(x @ params['Dense_0']['kernel'] + params['Dense_0']['bias'])
+  return h @ params['Dense_1']['kernel']
+
+
+@pytest.mark.parametrize(
+  'unit, c, message',
+  [
+    (0, np.float32(-2.0), 'c must be a finite number > 0'),  # issue 11: changed the function
+    (0, jnp.array(-2.0), 'c must be a finite number > 0'),
+    (0, np.float64(np.nan), 'c must be a finite number > 0'),
+    (0, np.inf, 'c must be a finite number > 0'),
+    (0, True, 'c must be a finite number > 0'),
+    (0, 2 + 0j, 'c must be a finite number > 0'),
+    (0, '2', 'c must be a finite number > 0'),
+    (jnp.array([1, 4]), 2.0, 'unit=4 is out of range for layer 0, which has 4 units'),  # no-op
+    (np.int64(-1), 2.0, 'unit=-1 is out of range'),
+    (True, 2.0, 'unit must be an int'),
+    (1.0, 2.0, 'unit must be an int'),
+    (0, 1e39, r'rescale by c=1e\+39 would take weights of unit 0 of Dense_0 out of the float32'),
+    (2, 1e-39, 'rescale by c=1e-39 would take weights of unit 2 of Dense_0 out'),
+  ],
+)
+def test_rescale_rejects_what_would_change_the_function(unit, c, message):
+  with pytest.raises(ValueError, match=message):
+    optax_path.rescale(three_layer_net(), 0, unit, c)
+
+
+def test_rescale_takes_numpy_and_jax_numbers_and_keeps_the_function():
+  params = three_layer_net()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  for unit, c in [(np.int32(1), np.float32(3.0)), (jnp.array(2), jnp.array(0.25)),
+                  (jnp.array([0, 3]), jnp.array([8.0, 0.5])), (3, 1e30)]:
+    out = optax_path.rescale(params, 0, unit, c)
+    np.testing.assert_allclose(forward(out, x), forward(params, x), rtol=1e-5, atol=1e-6)
+  out = optax_path.rescale(params, 0, np.int64(1), np.float64(3.0))
+  np.testing.assert_allclose(out['Dense_0']['kernel'][:, 1], 3 * params['Dense_0']['kernel'][:, 1])
+  # Traced unit and factor: not checked, documented; a valid one works under jit.
+  out = jax.jit(lambda q, u, c: optax_path.rescale(q, 0, u, c))(params, 1, 3.0)
+  np.testing.assert_allclose(out['Dense_1']['kernel'][1], params['Dense_1']['kernel'][1] / 3, rtol=1e-6)
+
+
+def test_rebalance_is_exact_near_the_ends_of_the_range_or_raises():
+  """Issue 11: rebalance(..., p=0.01) gave inf/0 weights; now p is checked, the norms
+  never overflow, and weights that would leave the range raise."""
+  params = three_layer_net()
+  with pytest.raises(ValueError, match='p must be a number in'):
+    optax_path.rebalance(params, p=0.01)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  for p in (0.5, 2.0, 32.0):
+    out = optax_path.rebalance(params, p=p)
+    np.testing.assert_allclose(forward(out, x), forward(params, x), rtol=1e-5, atol=1e-6)
+    incoming = np.concatenate([np.asarray(out['Dense_0']['kernel'], np.float64),
+                               np.asarray(out['Dense_0']['bias'], np.float64)[None]])
+    np.testing.assert_allclose(np.sum(np.abs(incoming) ** p, axis=0), 1.0, rtol=2e-5)
+  # Incoming weights of 3e38 (norm beyond float32, 1/norm subnormal): still exact.
+  huge = {'Dense_0': {'kernel': jnp.full((3, 2), 3e38)}, 'Dense_1': {'kernel': jnp.full((2, 1), 1e-30)}}
+  out = optax_path.rebalance(huge)
+  np.testing.assert_allclose(out['Dense_0']['kernel'], np.full((3, 2), 3**-0.5), rtol=1e-6)
+  np.testing.assert_allclose(out['Dense_1']['kernel'], np.full((2, 1), 3e8 * 3**0.5), rtol=1e-6)
+  # Outgoing weights of 1e30 times a norm of 1e10: 1e40, beyond float32.
+  over = {'Dense_0': {'kernel': jnp.full((1, 2), 1e10)}, 'Dense_1': {'kernel': jnp.full((2, 1), 1e30)}}
+  with pytest.raises(ValueError, match=r'rebalance \(1 / \|\|x\|\|_p = exp\(-23.02.*unit 0 of Dense_0'):
+    optax_path.rebalance(over)

@@ -9,12 +9,15 @@ same function.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_path._src import layers as layers_lib
+from optax_path._src import numerics
 from optax_path._src.numerics import compute_dtype, validate_p
 
 
@@ -50,12 +53,103 @@ class _Net:
     return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
 
 
-def _check_hidden_layer(net: _Net, layer: int) -> None:
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _check_integer(name: str, value) -> None:
+  """``value`` is an integer (Python, numpy or JAX, any shape), not a bool."""
+  dtype = getattr(value, 'dtype', None)
+  if isinstance(value, (bool, np.bool_)) or (
+    dtype is not None and not jnp.issubdtype(dtype, jnp.integer)
+  ):
+    raise ValueError(f'{name} must be an int, got {value!r}.')
+  if dtype is None and not isinstance(value, numbers.Integral):
+    raise ValueError(f'{name} must be an int, got {value!r}.')
+
+
+def _check_hidden_layer(net: _Net, layer) -> int:
+  _check_integer('layer', layer)
+  if _is_traced(layer) or np.ndim(layer) != 0:
+    raise ValueError(f'layer must be a concrete int (it selects arrays), got {layer!r}.')
+  layer = int(layer)
   if not 0 <= layer < len(net.chain) - 1:
     raise ValueError(
       f'layer={layer} is not a hidden layer: the chain has {len(net.chain)} dense layers '
       f'({", ".join(layers_lib.format_path(l.path) for l in net.chain)}), so the hidden '
       f'ones are 0..{len(net.chain) - 2}.'
+    )
+  return layer
+
+
+def _check_unit(unit, layer: int, width: int) -> None:
+  """An int index or an integer array of indices, in ``[0, width)`` when concrete."""
+  _check_integer('unit', unit)
+  if _is_traced(unit):
+    return
+  values = np.asarray(unit)
+  outside = values[(values < 0) | (values >= width)]
+  if outside.size:
+    raise ValueError(
+      f'unit={outside.reshape(-1)[0]} is out of range for layer {layer}, which has {width} '
+      f'units (indices 0..{width - 1}).'
+    )
+
+
+def _check_factor(c) -> None:
+  """``c`` real (Python, numpy or JAX; a scalar or one per unit), finite and > 0 when
+  concrete."""
+  dtype = getattr(c, 'dtype', None)
+  if isinstance(c, (bool, np.bool_, str, bytes)) or (
+    dtype is not None
+    and not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+  ):
+    raise ValueError(f'c must be a finite number > 0, got {c!r}.')
+  if dtype is None and not isinstance(c, numbers.Real):
+    raise ValueError(f'c must be a finite number > 0, got {c!r}.')
+  if _is_traced(c):
+    return
+  values = np.asarray(c, np.float64)
+  if not np.all(np.isfinite(values) & (values > 0)):
+    raise ValueError(f'c must be a finite number > 0, got {c!r}.')
+
+
+def _left_range(old: jax.Array, new: jax.Array) -> jax.Array:
+  """Where a finite weight became non-finite, or a nonzero one 0 or subnormal."""
+  tiny = float(jnp.finfo(new.dtype).tiny)
+  return jnp.isfinite(old) & (~jnp.isfinite(new) | ((old != 0) & (jnp.abs(new) < tiny)))
+
+
+def _scale_units_in_range(net: _Net, l: int, factors, describe) -> None:
+  """``net.scale_units(l, *factors)``, then a ``ValueError`` if a weight left the range.
+
+  Checked where everything is concrete (a traced call is not checked): a weight of the
+  unit's kernel column, bias or next-kernel row that became ``inf``/NaN, or a nonzero
+  one that became 0 or subnormal, in the params' dtype. ``describe(unit)`` says which
+  rescaling it was, for the message.
+  """
+  incoming, outgoing = net.chain[l], net.chain[l + 1]
+  axes = {incoming.kernel: 0, outgoing.kernel: 1}
+  if incoming.bias is not None:
+    axes[incoming.bias] = None
+  before = {i: net.leaves[i] for i in axes}
+  net.scale_units(l, *factors)
+  arrays = list(before.values()) + [net.leaves[i] for i in axes] + list(factors)
+  if any(_is_traced(a) for a in arrays):
+    return
+  bad = sum(
+    jnp.any(_left_range(before[i], net.leaves[i]), axis=axis) if axis is not None
+    else _left_range(before[i], net.leaves[i])
+    for i, axis in axes.items()
+  )
+  units = np.flatnonzero(np.asarray(bad))
+  if units.size:
+    dtype = jnp.dtype(net.leaves[incoming.kernel].dtype)
+    raise ValueError(
+      f'{describe(int(units[0]))} would take weights of unit {int(units[0])} of '
+      f'{layers_lib.format_path(incoming.path)} out of the {dtype} range (to inf, or a '
+      f'nonzero weight to 0 or a subnormal; {units.size} unit(s) in all): the rescaled '
+      'network would not compute the same function.'
     )
 
 
@@ -65,15 +159,27 @@ def rescale(params: Any, layer: int, unit, c, *, layers=None) -> Any:
   Multiplies the unit's kernel column and bias in layer ``layer`` by ``c`` and divides
   its row of the kernel of layer ``layer + 1`` by ``c``: the same function.
 
+  Python, numpy and JAX numbers are checked alike. A traced ``unit`` or ``c`` (inside
+  ``jit``) cannot be checked: its values are then the caller's responsibility, and a
+  factor out of range gives ``inf`` or 0 weights.
+
   Args:
     params: params pytree of a ReLU MLP.
-    layer: 0-based index of a dense layer that is not the last one.
-    unit: index of the unit among the layer's outputs (may be traced).
-    c: the factor, > 0 (may be traced).
+    layer: 0-based index of a dense layer that is not the last one, a concrete int.
+    unit: index of the unit among the layer's outputs, an int or an integer array of
+      indices (may be traced).
+    c: the factor, a real number > 0, or one per index of ``unit`` (may be traced).
     layers: optional layer key paths from input to output.
 
   Returns:
     The rescaled params, same structure and dtypes.
+
+  Raises:
+    ValueError: ``layer`` is not a hidden layer; ``unit`` is not an integer or out of
+      range; ``c`` is not a finite real > 0 (``bool``, complex and strings included);
+      or the rescaled weights would leave the params' dtype's range (a weight becoming
+      ``inf``, or a nonzero one 0 or subnormal, e.g. ``c = 1e39`` in float32). The
+      message names the layer, the unit and the factor.
 
   Example:
     >>> import jax.numpy as jnp, optax_path
@@ -83,14 +189,15 @@ def rescale(params: Any, layer: int, unit, c, *, layers=None) -> Any:
            [0.25]], dtype=float32)
   """
   net = _Net(params, layers)
-  _check_hidden_layer(net, layer)
+  layer = _check_hidden_layer(net, layer)
   width = net.hidden_widths[layer]
-  if isinstance(unit, int) and not 0 <= unit < width:
-    raise ValueError(f'unit={unit} is out of range for layer {layer}, which has {width} units.')
-  if isinstance(c, (int, float)) and not (math.isfinite(c) and c > 0):
-    raise ValueError(f'c must be a finite number > 0, got {c!r}.')
-  factor = jnp.ones(width, jnp.result_type(c, jnp.float32)).at[unit].set(c)
-  net.scale_units(layer, factor)
+  _check_unit(unit, layer, width)
+  _check_factor(c)
+  c_dtype = jnp.result_type(c, jnp.float32)
+  if not jnp.issubdtype(c_dtype, jnp.floating):
+    c_dtype = jnp.float32
+  factor = jnp.ones(width, c_dtype).at[unit].set(c)
+  _scale_units_in_range(net, layer, [factor], lambda u: f'rescale by c={c!r}')
   return net.tree()
 
 
@@ -190,12 +297,25 @@ def unbalance(
   return net.tree()
 
 
-def _p_norm(columns: jax.Array, p: float) -> jax.Array:
-  """``||x||_p`` of each column, 1 for zero columns; ``|x|^p`` never overflows."""
+def _inverse_p_norm(columns: jax.Array, p: float) -> tuple[list[jax.Array], jax.Array]:
+  """``1 / ||x||_p`` of each column (1 for zero columns), as two factors, and its log.
+
+  ``||x||_p = 2^e (sum (|x| 2^-e)^p)^(1/p)``, ``2^e`` the power of two just above
+  ``max|x|``: every term of the sum lies in ``[0, 1)``, so nothing overflows, however
+  large the entries or small ``p``. The factor is ``2^-ceil(e/2)`` times
+  ``2^-floor(e/2) sum^(-1/p)``: both normal numbers wherever ``max|x|`` lies, the first
+  exact, so that a factor beyond the float range (``max|x| = 3e38``) is still applied
+  to a few ulps. (Dividing by ``max|x|`` would not do: XLA on CPU divides by
+  multiplying with the reciprocal, which flushes ``1 / 3e38`` to 0.)
+  """
   largest = jnp.max(jnp.abs(columns), axis=0)
-  safe = jnp.where(largest > 0, largest, 1.0)
-  norm = safe * jnp.sum((jnp.abs(columns) / safe) ** p, axis=0) ** (1 / p)
-  return jnp.where(largest > 0, norm, 1.0)
+  e = jnp.where(largest > 0, numerics.exponent(largest), 0)
+  terms = numerics.ldexp(jnp.abs(columns), -e[None, :]) ** p
+  log_sum = jnp.log(jnp.where(largest > 0, jnp.sum(terms, axis=0), 1.0))
+  half = e >> 1
+  first = numerics.ldexp(jnp.ones_like(largest), half - e)
+  second = numerics.ldexp(jnp.exp(-log_sum / p), -half)
+  return [first, second], e * numerics.LN2 + log_sum / p
 
 
 def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
@@ -205,13 +325,22 @@ def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
   (kernel column and bias) ``x_v != 0`` gets ``rho_{1/||x_v||_p, v}``; units whose
   incoming vector is zero stay as they are. The function and ``path_norm`` are kept.
 
+  The norms are computed scaled by their largest entry (``_inverse_p_norm``), so no ``|x|^p`` or
+  ``||x||^p`` overflows; where the rebalanced weights themselves would leave the
+  params' dtype's range, it raises rather than return ``inf`` or 0 weights.
+
   Args:
     params: params pytree of a ReLU MLP.
-    p: the norm, a number > 0.
+    p: the norm, a number in ``[0.5, 32]`` (``numerics.validate_p``; at ``p = 0.01``
+      a norm is ``max|x| n^100``, beyond any float range).
     layers: optional layer key paths from input to output.
 
   Returns:
     The rebalanced params, same structure and dtypes.
+
+  Raises:
+    ValueError: ``p`` is invalid, or a rebalanced weight would leave the range of the
+      params' dtype (the message names the layer, the unit and the factor).
 
   Example:
     >>> import jax.numpy as jnp, optax_path
@@ -227,5 +356,8 @@ def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
     incoming = net.leaves[layer.kernel].astype(dtype)
     if layer.bias is not None:
       incoming = jnp.concatenate([incoming, net.leaves[layer.bias].astype(dtype)[None]])
-    net.scale_units(l, 1 / _p_norm(incoming, p))
+    factors, log_norm = _inverse_p_norm(incoming, p)
+    _scale_units_in_range(
+      net, l, factors, lambda u, n=log_norm: f'rebalance (1 / ||x||_p = exp(-{float(n[u]):.6g}))'
+    )
   return net.tree()
