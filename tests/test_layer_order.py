@@ -5,7 +5,6 @@ really is (its true layer order), in float64, never from the code under test.
 """
 
 import itertools
-import pathlib
 import re
 
 import flax.linen as nn
@@ -434,19 +433,4 @@ def test_fuzz_right_scales_or_a_clear_error():
   assert outcomes["right"] > 15 and outcomes["refused"] > 15, outcomes
 
 
-# --- 5. the README's recipes -----------------------------------------------------------
-
-
-def readme_block(after: str) -> str:
-  """The first python code block of README.md after the paragraph starting with ``after``."""
-  text = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
-  rest = text[text.index(after):]
-  return rest[rest.index('```python\n') + len('```python\n'):rest.index('\n```', rest.index('```python'))]
-
-
-@pytest.mark.parametrize('paragraph', ['**Layer order.**', '**Freezing layers.**'])
-def test_readme_recipe_runs_and_prints_what_it_says(paragraph, capsys):
-  code = readme_block(paragraph)
-  expected = [line.split('#')[-1].strip() for line in code.splitlines() if line.startswith('print(')]
-  exec(compile(code, f'README.md {paragraph}', 'exec'), {})
-  assert capsys.readouterr().out.splitlines() == expected
+# --- 5. the README's recipes: tests/test_readme.py runs every README block, these among them.
