@@ -6,6 +6,7 @@ Kept fast: tiny data, one epoch, small nets.
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -291,3 +292,11 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
   assert 'Traceback' not in stderr
   assert stderr.strip().splitlines()[-1].startswith('optax-path reproduce: interrupted')
   assert (out / rundir.MARKER).exists()
+
+
+def test_readme_documents_every_bench_config_and_the_rounds():
+  readme = ' '.join((pathlib.Path(__file__).parents[1] / 'README.md').read_text().split())
+  for name in bench.ALL_CONFIGS:
+    assert f'`{name}`' in readme, name
+  for chosen in (cli.BENCH_DEFAULTS, cli.BENCH_QUICK):
+    assert f'{chosen["rounds"]} rounds after {chosen["warmup"]} warm-up steps' in readme
