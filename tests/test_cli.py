@@ -79,6 +79,7 @@ def no_work(*args, **kwargs):
     (['--seeds', '0'], '--seeds N needs N >= 1'),
     (['--methods', 'path-sgd', '--lr', 'sgd=0.1'], '--lr given for sgd, which is not in'),
     (['--resume', '--overwrite'], '--resume keeps the run in --out and --overwrite replaces it'),
+    (['--bogus', '1'], 'unrecognized arguments: --bogus 1'),
   ],
 )
 def test_bad_numbers_and_options_are_refused_with_the_subcommand_usage(argv, message, capsys):
@@ -300,3 +301,15 @@ def test_readme_documents_every_bench_config_and_the_rounds():
     assert f'`{name}`' in readme, name
   for chosen in (cli.BENCH_DEFAULTS, cli.BENCH_QUICK):
     assert f'{chosen["rounds"]} rounds after {chosen["warmup"]} warm-up steps' in readme
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    report.write_csv(tmp_path / 'new.csv', report.METRIC_COLUMNS, synthetic_rows())
+    assert (tmp_path / 'new.csv').stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+    (tmp_path / 'new.csv').chmod(0o640)
+    report.write_csv(tmp_path / 'new.csv', report.METRIC_COLUMNS, synthetic_rows())
+    assert (tmp_path / 'new.csv').stat().st_mode & 0o777 == 0o640  # an existing file's kept
+  finally:
+    os.umask(umask)

@@ -633,7 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     The exit status.
   """
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  if extra:  # reported with the subcommand's usage, not the top level's
+    command_parser(parser, args.command).error(f'unrecognized arguments: {" ".join(extra)}')
   prog = f'{parser.prog} {args.command}'
   try:
     if args.command == 'reproduce':

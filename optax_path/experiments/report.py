@@ -77,10 +77,21 @@ def atomic_open(path: str | os.PathLike[str], mode: str = 'w', **kwargs: Any):
   try:
     with os.fdopen(fd, mode, **kwargs) as f:
       yield f
+    os.chmod(tmp, _file_mode(path))  # mkstemp's 0o600 would make every output private
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def _file_mode(path: str | os.PathLike[str]) -> int:
+  """The mode of the file at ``path``, or that of a new file under the umask."""
+  try:
+    return os.stat(path).st_mode & 0o7777
+  except FileNotFoundError:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Row]) -> None:
