@@ -35,13 +35,19 @@ def brute_force_log_gammas(kernels, biases, p):
 
   log_in = [np.zeros(widths[0])]
   for l, w in enumerate(kernels):  # paths from an input or a bias unit into each unit
-    sources = [[log_in[l][u] + log_abs_p(w[u, v]) for u in range(widths[l])] for v in range(w.shape[1])]
+    sources = [
+      [log_in[l][u] + log_abs_p(w[u, v]) for u in range(widths[l])] for v in range(w.shape[1])
+    ]
     if biases[l] is not None:
       sources = [s + [log_abs_p(biases[l][v])] for v, s in enumerate(sources)]
     log_in.append(np.array([log_sum(s) for s in sources]))
   log_out = [np.zeros(widths[-1])]
   for w in reversed(kernels):
-    log_out.append(np.array([log_sum([log_abs_p(w[u, v]) + log_out[-1][v] for v in range(w.shape[1])]) for u in range(w.shape[0])]))
+    ahead = [
+      log_sum([log_abs_p(w[u, v]) + log_out[-1][v] for v in range(w.shape[1])])
+      for u in range(w.shape[0])
+    ]
+    log_out.append(np.array(ahead))
   return log_in, log_out[::-1]
 
 
@@ -52,7 +58,9 @@ def wide_range_net(rng, widths, spread=30.0, dtype=np.float32):
     kernel = rng.choice([-1, 1], (a, b)) * np.exp(rng.uniform(-spread, spread, (a, b)))
     params[f'Dense_{l}'] = {
       'kernel': jnp.asarray(kernel, dtype),
-      'bias': jnp.asarray(rng.normal(size=b) * np.exp(rng.uniform(-spread, spread, b) * 2 / 3), dtype),
+      'bias': jnp.asarray(
+        rng.normal(size=b) * np.exp(rng.uniform(-spread, spread, b) * 2 / 3), dtype
+      ),
     }
   return params
 
@@ -190,7 +198,10 @@ def test_injected_invalid_p_gives_nan_updates_that_apply_if_finite_skips():
 
 def small_net():
   return {
-    'Dense_0': {'kernel': jnp.array([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]]), 'bias': jnp.array([1.0, 1.0, 0.0])},
+    'Dense_0': {
+      'kernel': jnp.array([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]]),
+      'bias': jnp.array([1.0, 1.0, 0.0]),
+    },
     'Dense_1': {'kernel': jnp.array([[1.0], [2.0], [0.0]]), 'bias': jnp.ones(1)},
   }
 
@@ -232,7 +243,10 @@ def test_a_non_finite_param_gives_nan_updates_everywhere(where, value, warm):
 def three_layer_net(dtype=jnp.float32):
   rng = np.random.default_rng(4)
   return {
-    'Dense_0': {'kernel': jnp.asarray(rng.normal(size=(3, 4)), dtype), 'bias': jnp.ones(4, dtype)},
+    'Dense_0': {
+      'kernel': jnp.asarray(rng.normal(size=(3, 4)), dtype),
+      'bias': jnp.ones(4, dtype),
+    },
     'Dense_1': {'kernel': jnp.asarray(rng.normal(size=(4, 2)), dtype)},
   }
 
@@ -276,7 +290,8 @@ def test_rescale_takes_numpy_and_jax_numbers_and_keeps_the_function():
   np.testing.assert_allclose(out['Dense_0']['kernel'][:, 1], 3 * params['Dense_0']['kernel'][:, 1])
   # Traced unit and factor: not checked, documented; a valid one works under jit.
   out = jax.jit(lambda q, u, c: optax_path.rescale(q, 0, u, c))(params, 1, 3.0)
-  np.testing.assert_allclose(out['Dense_1']['kernel'][1], params['Dense_1']['kernel'][1] / 3, rtol=1e-6)
+  expected = params['Dense_1']['kernel'][1] / 3
+  np.testing.assert_allclose(out['Dense_1']['kernel'][1], expected, rtol=1e-6)
 
 
 def test_rebalance_is_exact_near_the_ends_of_the_range_or_raises():
@@ -293,11 +308,18 @@ def test_rebalance_is_exact_near_the_ends_of_the_range_or_raises():
                                np.asarray(out['Dense_0']['bias'], np.float64)[None]])
     np.testing.assert_allclose(np.sum(np.abs(incoming) ** p, axis=0), 1.0, rtol=2e-5)
   # Incoming weights of 3e38 (norm beyond float32, 1/norm subnormal): still exact.
-  huge = {'Dense_0': {'kernel': jnp.full((3, 2), 3e38)}, 'Dense_1': {'kernel': jnp.full((2, 1), 1e-30)}}
+  huge = {
+    'Dense_0': {'kernel': jnp.full((3, 2), 3e38)},
+    'Dense_1': {'kernel': jnp.full((2, 1), 1e-30)},
+  }
   out = optax_path.rebalance(huge)
   np.testing.assert_allclose(out['Dense_0']['kernel'], np.full((3, 2), 3**-0.5), rtol=1e-6)
   np.testing.assert_allclose(out['Dense_1']['kernel'], np.full((2, 1), 3e8 * 3**0.5), rtol=1e-6)
   # Outgoing weights of 1e30 times a norm of 1e10: 1e40, beyond float32.
-  over = {'Dense_0': {'kernel': jnp.full((1, 2), 1e10)}, 'Dense_1': {'kernel': jnp.full((2, 1), 1e30)}}
-  with pytest.raises(ValueError, match=r'rebalance \(1 / \|\|x\|\|_p = exp\(-23.02.*unit 0 of Dense_0'):
+  over = {
+    'Dense_0': {'kernel': jnp.full((1, 2), 1e10)},
+    'Dense_1': {'kernel': jnp.full((2, 1), 1e30)},
+  }
+  message = r'rebalance \(1 / \|\|x\|\|_p = exp\(-23.02.*unit 0 of Dense_0'
+  with pytest.raises(ValueError, match=message):
     optax_path.rebalance(over)
