@@ -579,6 +579,7 @@ def test_plot_labels_every_method_of_every_run(tmp_path, capsys):
   assert {'path-sgd', 'sgd', 'adagrad', 'diverged (NaN) here'} <= set(labels)
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_missing_seeds(tmp_path):
   common = ['--hidden', '8', '--epochs', '1', '--search-epochs', '1', '--alphas', '1', '--quiet']
   common += ['--methods', 'path-sgd', '--lr', 'path-sgd=0.1', '--out', str(tmp_path)]
