@@ -231,7 +231,7 @@ def reproduce(*argv: str, interrupt_after: int | None = None) -> int:
 
 def test_interrupted_run_is_marked_resumed_and_not_overwritten_silently(tmp_path, capsys):
   out = tmp_path / 'run'
-  argv = [*TINY, '--methods', 'path-sgd', 'sgd', '--lr', 'path-sgd=0.1', '--lr', 'sgd=0.05']
+  argv = [*TINY, '--methods', 'path-sgd', '--lr', 'path-sgd=0.1', '--seeds', '2']
   argv += ['--inits', 'balanced', '--out', str(out)]
   # An older complete run of another data set is replaced only with --overwrite ...
   out.mkdir()
@@ -251,14 +251,15 @@ def test_interrupted_run_is_marked_resumed_and_not_overwritten_silently(tmp_path
     '--resume)'
   )
   assert sorted(os.listdir(out)) == [rundir.MARKER, 'metrics.csv']
-  assert {r['method'] for r in report.read_csv(out / 'metrics.csv')} == {'path-sgd'}
+  assert {r['seed'] for r in report.read_csv(out / 'metrics.csv')} == {0}
   assert reproduce(*argv) == 2
   assert 'already holds an incomplete run' in error_of(capsys)
   # --resume finishes it: the marker goes, every step is said to be fixed by --lr.
   assert reproduce(*argv, '--resume') == 0
   assert sorted(os.listdir(out)) == ['figure.png', 'metrics.csv', 'summary.md']
   summary = (out / 'summary.md').read_text()
-  assert 'Step sizes fixed by --lr: path-sgd 0.1, sgd 0.05 (no step-size search).' in summary
+  assert 'Step sizes fixed by --lr: path-sgd 0.1 (no step-size search).' in summary
+  assert {r['seed'] for r in report.read_csv(out / 'metrics.csv')} == {0, 1}
   assert '10^-alpha' not in summary
 
 

@@ -13,5 +13,7 @@ Modules: :mod:`~optax_path.experiments.data` (data sets),
 :mod:`~optax_path.experiments.training` (methods, jitted training, evaluation),
 :mod:`~optax_path.experiments.selection` (step-size search),
 :mod:`~optax_path.experiments.report` (CSV files, figure, summary),
+:mod:`~optax_path.experiments.rundir` (the output directory: checked first, marked while
+incomplete),
 :mod:`~optax_path.experiments.bench` (``bench``: step times against the plain optimizers).
 """

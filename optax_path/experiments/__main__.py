@@ -6,6 +6,10 @@ balanced and the unbalanced initialisation, writing ``metrics.csv``, ``selection
 ``figure.png`` and ``summary.md``. ``plot`` combines several runs into one figure.
 ``bench`` times a training step of Path-SGD and Path-AdaGrad against SGD and AdaGrad
 (see :mod:`optax_path.experiments.bench`).
+
+A user error (an option, a missing data set, an unusable ``--out`` or file) prints one
+message and exits with status 2 (``--debug`` shows the traceback); Ctrl-C prints one line
+and exits with status 130.
 """
 
 from __future__ import annotations
