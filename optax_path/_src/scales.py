@@ -207,7 +207,7 @@ def path_scales(
 
   Args:
     params: params pytree of a ReLU MLP (see ``path_normalize`` for the layouts).
-    p: the ``l_p`` path geometry, a number > 0.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]`` (``numerics.validate_p``).
     layers: optional layer key paths from input to output (default: found).
     apply_fn: general mode: a ReLU network's forward pass ``apply_fn(params, x)``
       (see ``path_normalize``).
@@ -216,6 +216,7 @@ def path_scales(
   Returns:
     A pytree shaped like ``params``, in float32 or wider: scales beyond that range
     read ``inf`` or ``0`` (``path_normalize`` divides by them without forming them).
+    MLP mode: every scale is NaN if a weight or bias is not finite.
 
   Example:
     >>> import jax.numpy as jnp, optax_path
@@ -245,7 +246,8 @@ def log_path_norm(
 ) -> jax.Array:
   """``log phi_p(w)``: finite even where ``phi_p`` is beyond the float range.
 
-  See ``path_norm`` (same arguments). Differentiable.
+  See ``path_norm`` (same arguments). Differentiable. MLP mode: NaN if a weight or
+  bias is not finite, or a traced ``p`` lies outside ``[0.5, 32]``.
 
   Example:
     >>> import jax.numpy as jnp, optax_path
@@ -278,7 +280,7 @@ def path_norm(
 
   Args:
     params: params pytree of a ReLU MLP.
-    p: a number > 0.
+    p: a number in ``[0.5, 32]`` (``numerics.validate_p``).
     layers: optional layer key paths from input to output (default: found).
     apply_fn: general mode: a ReLU network's forward pass ``apply_fn(params, x)``
       (see ``path_normalize``).
