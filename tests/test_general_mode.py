@@ -540,3 +540,30 @@ def test_errors():
     )
   with pytest.raises(ValueError, match='input_shape must be the shape of one input'):
     optax_path.path_scales(params, apply_fn=apply_fn, input_shape=4)
+
+
+def test_general_mode_surfaces_non_finite_params_and_an_invalid_traced_p():
+  """A NaN weight or an injected p out of [0.5, 32] gives NaN updates and path norm, so
+  NaN checks see them; a valid injected p gives the updates of the concrete one."""
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  params = model.init(jax.random.key(0), jnp.ones((1, 2)))['params']
+  mode = {'apply_fn': lambda q, x: model.apply({'params': q}, x), 'input_shape': (2,)}
+  tx = optax_path.path_sgd(0.1, **mode)
+  bad = jax.tree.map(lambda w: w, params)
+  bad['layers_0']['kernel'] = bad['layers_0']['kernel'].at[0, 0].set(jnp.nan)
+  updates, _ = jax.jit(tx.update)(params, tx.init(bad), bad)
+  assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(updates))
+  assert np.isnan(float(optax_path.log_path_norm(bad, **mode)))
+  injected = optax.inject_hyperparams(optax_path.path_sgd, static_args=('apply_fn', 'input_shape'))(
+    learning_rate=0.1, p=2.0, **mode
+  )
+  state = injected.init(params)
+  expected, _ = tx.update(params, tx.init(params), params)
+  for p, valid in [(-1.0, False), (0.0, False), (float('nan'), False), (100.0, False), (2.0, True)]:
+    state.hyperparams['p'] = jnp.asarray(p)
+    updates, _ = jax.jit(injected.update)(params, state, params)
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+      if valid:
+        np.testing.assert_allclose(u, e, rtol=1e-6)
+      else:
+        assert bool(jnp.all(jnp.isnan(u))), p

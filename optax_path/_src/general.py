@@ -101,6 +101,7 @@ well, so the update (0) is the MLP mode's.
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -274,17 +275,26 @@ def _powers(jaxpr, p, floats: list[jax.Array]) -> list[jax.Array]:
   return [numerics.abs_pow(f.astype(v.aval.dtype), p) for f, v in zip(floats, jaxpr.invars)]
 
 
+def _invalid(p, floats) -> jax.Array:
+  """Whether a param is non-finite or a traced ``p`` is out of range: then every log
+  scale (and the path norm) is NaN, so NaN checks see it, never finite updates."""
+  bad = functools.reduce(jnp.logical_or, [~jnp.all(jnp.isfinite(f)) for f in floats])
+  return bad if isinstance(p, float) else bad | ~numerics.p_in_range(p)
+
+
 def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
-  """``(2/p) log(d phi_p^p / d q_i)`` per floating leaf; ``+inf`` where untrusted."""
+  """``(2/p) log(d phi_p^p / d q_i)`` per floating leaf; ``+inf`` where untrusted, NaN
+  where the params or a traced ``p`` are invalid."""
   phi_p_p, grads = jax.value_and_grad(lambda q: _phi_p_to_the_p(jaxpr, consts, q))(
     _powers(jaxpr, p, floats)
   )
   trusted = jnp.isfinite(phi_p_p)
+  invalid = _invalid(p, floats)
   log_scales = []
   for g in grads:
     # g = 0 -> -inf (no path: update 0); g = inf -> inf; g = nan (inf * 0) -> inf.
     log_g = jnp.where(jnp.isnan(g), jnp.inf, (2 / p) * jnp.log(g))
-    log_scales.append(jnp.where(trusted, log_g, jnp.inf))
+    log_scales.append(jnp.where(invalid, jnp.nan, jnp.where(trusted, log_g, jnp.inf)))
   return log_scales
 
 
@@ -294,7 +304,7 @@ def _log_path_norm(jaxpr, consts, p, floats) -> jax.Array:
   positive = jnp.isfinite(phi_p_p) & (phi_p_p > 0)
   log_norm = jnp.log(jnp.where(positive, phi_p_p, 1.0)) / p  # no 1/0 in the gradient
   elsewhere = jnp.where(phi_p_p == 0, -jnp.inf, jnp.where(phi_p_p < 0, jnp.nan, jnp.inf))
-  return jnp.where(positive, log_norm, elsewhere)
+  return jnp.where(_invalid(p, floats), jnp.nan, jnp.where(positive, log_norm, elsewhere))
 
 
 _compiled: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = (
@@ -356,7 +366,7 @@ def log_scale_leaves(
   Args:
     params: the params pytree that ``apply_fn`` takes (a Linen ``params`` dict, an NNX
       ``State``, possibly with ``optax.MaskedNode`` leaves).
-    p: the ``l_p`` path geometry, a number > 0 (may be traced).
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]`` (may be traced).
     apply_fn: ``apply_fn(params, x)``, the network's forward pass on a batch ``x``:
       ``lambda q, x: model.apply({'params': q}, x)`` for Linen,
       ``lambda s, x: nnx.merge(graphdef, s)(x)`` for NNX.
@@ -413,7 +423,7 @@ def log_path_norm(
 
   Args:
     params: the params pytree that ``apply_fn`` takes.
-    p: a number > 0.
+    p: a number in ``[0.5, 32]``.
     apply_fn: ``apply_fn(params, x)``, the network's forward pass.
     input_shape: the shape of one input, without the batch axis: a tuple of ints.
 

@@ -64,7 +64,7 @@ def path_geometry(
 
   Args:
     inner: any ``optax.GradientTransformation`` that does not read ``params``.
-    p: the ``l_p`` path geometry, a number > 0.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]``.
     layers: optional layer key paths from input to output (MLP mode).
     apply_fn: a ReLU network's forward pass ``apply_fn(params, x)`` (general mode).
     input_shape: the shape of one input, without the batch axis (general mode).
@@ -157,7 +157,7 @@ def path_adam(
 
   Args:
     learning_rate: a step size or an optax schedule.
-    p: the ``l_p`` path geometry, a number > 0.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]``.
     b1: as in ``optax.adam``.
     b2: as in ``optax.adam``.
     eps: as in ``optax.adam``.

@@ -151,11 +151,15 @@ def path_normalize(
   mantissas and two by exact powers of two. A zero scale (a unit with no path to the
   input or the output) gives a zero update, an update beyond the float range the
   largest finite value; non-finite gradients pass through unchanged; updates keep
-  their dtype.
+  their dtype. A non-finite weight or bias makes every update and the
+  state NaN (checked at every refresh), so ``optax.apply_if_finite`` placed after
+  ``path_normalize`` in the chain skips the step.
 
   Args:
-    p: the ``l_p`` path geometry, a number > 0 (the paper uses 2). It drives no Python
-      control flow, so ``optax.inject_hyperparams`` may inject it.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]`` (the paper uses 2;
+      ``numerics.validate_p`` says why the range). It drives no Python
+      control flow, so ``optax.inject_hyperparams`` may inject it; an injected ``p``
+      outside the range (or NaN) gives NaN updates, which NaN checks catch.
     refresh_every: recompute the scales on every this many updates (MLP mode), an int
       >= 1; 1 (the default) is exact Path-SGD. ``inject_hyperparams`` may inject it.
     layers: optional layer key paths from input to output, as ``'a/b'`` strings or
@@ -251,7 +255,7 @@ def path_sgd(
 
   Args:
     learning_rate: a step size or an optax schedule.
-    p: the ``l_p`` path geometry, a number > 0.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]``.
     momentum: optional momentum decay, as in ``optax.sgd``.
     nesterov: Nesterov momentum, as in ``optax.sgd``.
     refresh_every: recompute the scales every this many updates (see ``path_normalize``).
@@ -297,7 +301,7 @@ def path_adagrad(
 
   Args:
     learning_rate: a step size or an optax schedule.
-    p: the ``l_p`` path geometry, a number > 0.
+    p: the ``l_p`` path geometry, a number in ``[0.5, 32]``.
     initial_accumulator_value: as in ``optax.adagrad``.
     eps: as in ``optax.adagrad``.
     refresh_every: recompute the scales every this many updates (see ``path_normalize``).
