@@ -1,9 +1,16 @@
 """Writes path_sgd.ipynb from the cells below (run: python notebooks/make_notebook.py)."""
 
 import pathlib
+import re
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = pathlib.Path(__file__).parents[1]
+#: The repository's address, from pyproject.toml's [project.urls] (the one place to change it).
+REPOSITORY = re.search(
+  r'^Repository = "(.+)"$', (ROOT / 'pyproject.toml').read_text(), re.MULTILINE
+).group(1)
 
 CELLS = [
   new_markdown_cell("""# Path-SGD in JAX with optax-path
@@ -21,7 +28,7 @@ It runs on a CPU in about a minute."""),
 try:
     import optax_path
 except ImportError:
-    %pip install -q "optax-path[experiments] @ git+https://github.com/optax-path/optax-path"
+    %pip install -q "optax-path[experiments] @ git+""" + REPOSITORY + """"
     import optax_path"""),
   new_code_cell("""import time
 
