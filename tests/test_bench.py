@@ -28,6 +28,7 @@ def quick_run(tmp_path_factory):
   return result, (out / 'bench.md').read_text(), stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_every_method_of_every_quick_config(quick_run):
   result, _, _ = quick_run
   assert [c['name'] for c in result['configs']] == list(bench.QUICK_CONFIGS)
@@ -35,6 +36,7 @@ def test_every_method_of_every_quick_config(quick_run):
     assert set(config['methods']) == set(bench.BASELINES)
 
 
+@pytest.mark.slow
 def test_medians_positive_finite_and_ratios_consistent(quick_run):
   result, _, _ = quick_run
   rounds = result['options']['rounds']
@@ -57,6 +59,7 @@ def test_medians_positive_finite_and_ratios_consistent(quick_run):
     assert config['memory']['peak_mib'] > 0 and config['memory']['source'] in ('device', 'RSS')
 
 
+@pytest.mark.slow
 def test_device_and_options_recorded(quick_run):
   result, _, _ = quick_run
   assert {'device_kind', 'platform', 'device_count', 'jax', 'jaxlib'} <= set(result['device'])
@@ -64,6 +67,7 @@ def test_device_and_options_recorded(quick_run):
   assert result['options']['command']['quick'] is True
 
 
+@pytest.mark.slow
 def test_markdown_written_and_printed(quick_run):
   result, markdown, printed = quick_run
   assert printed == markdown == bench.format_markdown(result)

@@ -78,6 +78,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('depth,bias,p,seed', CASES)
 def test_scales_update_and_norm_match_path_enumeration(x64, depth, bias, p, seed):
   rng = np.random.default_rng(1000 * depth + 10 * int(bias) + int(2 * p) + seed)

@@ -172,6 +172,7 @@ def test_bench_refuses_to_overwrite_and_shows_progress(tmp_path, capsys, monkeyp
   assert sorted(os.listdir(tmp_path)) == ['bench.json', 'bench.md']  # no temporary left
 
 
+@pytest.mark.slow
 def test_plot_says_what_is_wrong_with_a_file(tmp_path, capsys):
   header = ','.join(report.METRIC_COLUMNS)
   rows = synthetic_rows()
@@ -229,6 +230,7 @@ def reproduce(*argv: str, interrupt_after: int | None = None) -> int:
     return cli.main(['reproduce', *argv])
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_marked_resumed_and_not_overwritten_silently(tmp_path, capsys):
   out = tmp_path / 'run'
   argv = [*TINY, '--methods', 'path-sgd', '--lr', 'path-sgd=0.1', '--seeds', '2']
@@ -273,6 +275,7 @@ def test_summary_names_the_fixed_and_the_searched_steps():
   assert line.endswith('Fixed by --lr: sgd 0.1.')
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
   """A real SIGINT to ``python -m optax_path.experiments`` during training."""
   out = tmp_path / 'run'

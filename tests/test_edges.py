@@ -96,6 +96,7 @@ def test_numpy_and_jax_scalar_p_are_accepted_like_python_ones(p):
 # --- p at the ends of its range -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('p', P_ENDS)
 def test_one_one_net_of_weight_one_at_the_ends_of_p(p):
   """Issue 11: at p = 150 or 200 every scale was 0, every update 0 and log_path_norm
@@ -122,6 +123,7 @@ def test_biases_count_at_the_ends_of_p(p):
   np.testing.assert_allclose(scale, [[3.0 ** (2 / p)]], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('p', P_ENDS)
 def test_exact_passes_match_brute_force_at_the_ends_of_p(p):
   """``log_matvec`` over weights spanning e^-30..e^30 with biases, against a float64 sum
@@ -136,6 +138,7 @@ def test_exact_passes_match_brute_force_at_the_ends_of_p(p):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('p', [1.0, numerics.P_MAX])
 def test_warm_passes_are_taken_and_exact_at_the_ends_of_p(p):
   """The warm-started passes (p >= 1) up to the top of the range: taken from nearby
@@ -160,6 +163,7 @@ def test_warm_passes_are_taken_and_exact_at_the_ends_of_p(p):
 BAD_P = [-1.0, 0.0, float('nan'), float('inf'), 100.0, 0.1]
 
 
+@pytest.mark.slow
 def test_injected_invalid_p_gives_nan_updates_that_apply_if_finite_skips():
   """Issue 11: p = -1 written into inject_hyperparams' state gave finite updates
   (garbage that trains). Traced, any p out of [0.5, 32] now gives NaN updates."""
@@ -215,6 +219,7 @@ def small_net():
     (('Dense_1', 'kernel', (2, 0)), float('nan'), True),  # the row of a unit with no path in
   ],
 )
+@pytest.mark.slow
 def test_a_non_finite_param_gives_nan_updates_everywhere(where, value, warm):
   """Issue 11: a NaN weight gave finite updates (its unit's 0) and NaN log-scales in the
   state, so apply_if_finite never noticed. Now every update and log_path_norm are NaN."""
@@ -294,6 +299,7 @@ def test_rescale_takes_numpy_and_jax_numbers_and_keeps_the_function():
   np.testing.assert_allclose(out['Dense_1']['kernel'][1], expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_rebalance_is_exact_near_the_ends_of_the_range_or_raises():
   """Issue 11: rebalance(..., p=0.01) gave inf/0 weights; now p is checked, the norms
   never overflow, and weights that would leave the range raise."""

@@ -160,6 +160,7 @@ def test_validation_split():
 # ------------------------------------------------------------------------ model, training
 
 
+@pytest.mark.slow
 def test_balanced_init_and_dropout():
   model = MLP(hidden=(200, 100), num_classes=10, dropout_rate=0.5)
   params = init_params(model, jax.random.key(0), (8, 8, 1))
@@ -194,6 +195,7 @@ def tiny():
   return model, params, training.to_device(ds.train_images, ds.train_labels)
 
 
+@pytest.mark.slow
 def test_evaluate_matches_a_direct_computation(tiny):
   model, params, data_ = tiny
   subset = np.arange(3, 140, 2)
@@ -266,11 +268,13 @@ def read_rows(path):
     return list(csv.reader(f))
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_the_four_files(run_dir):
   for name in ('metrics.csv', 'selection.csv', 'figure.png', 'summary.md'):
     assert (run_dir / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_metrics_csv(run_dir):
   header, *rows = read_rows(run_dir / 'metrics.csv')
   assert header == [
@@ -297,6 +301,7 @@ def test_metrics_csv(run_dir):
   assert {r['learning_rate'] for r in metrics if r['method'] == 'adagrad'} == {0.05}
 
 
+@pytest.mark.slow
 def test_selection_csv(run_dir):
   rows = report.read_csv(run_dir / 'selection.csv')
   assert {r['method'] for r in rows} == {'path-sgd', 'sgd'}  # adagrad's step: --lr
@@ -310,6 +315,7 @@ def test_selection_csv(run_dir):
     assert alphas[0] < chosen < alphas[-1] or chosen == 0  # interior, or the paper's limit
 
 
+@pytest.mark.slow
 def test_seeds_draw_their_own_init_and_batches(run_dir):
   metrics = report.read_csv(run_dir / 'metrics.csv')
   runs = report.group(metrics, ('method', 'init', 'seed'))
@@ -319,6 +325,7 @@ def test_seeds_draw_their_own_init_and_batches(run_dir):
     assert a[0] != b[0] and a[-1] != b[-1]  # different init, different training
 
 
+@pytest.mark.slow
 def test_path_sgd_curves_agree_across_inits(run_dir):
   diff = report.path_sgd_agreement(report.read_csv(run_dir / 'metrics.csv'))
   assert max(diff.values()) < report.AGREEMENT_TOLERANCE
@@ -413,6 +420,7 @@ def test_csv_round_trip_keeps_nan_and_precision(tmp_path):
 # ------------------------------------------------------------------ the CNN (general mode)
 
 
+@pytest.mark.slow
 def test_unbalance_channels_keeps_the_function_and_the_path_norm():
   import optax_path
   from optax_path.experiments.models import CNN, path_mode, unbalance_channels
@@ -444,6 +452,7 @@ def test_unbalance_channels_keeps_the_function_and_the_path_norm():
   ) <= 100.0 * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_cnn_end_to_end_path_sgd_curves_agree(tmp_path):
   status = reproduce_on_small_digits(
     '--model',

@@ -33,6 +33,7 @@ def exported_step(mode: str, dtype) -> export.Exported:
   return export.export(jax.jit(step), platforms=('cuda', 'tpu'))(params, tx.init(params), x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('mode', ['mlp', 'general'])
 def test_path_sgd_step_lowers_for_cuda_and_tpu(mode, dtype):
@@ -44,6 +45,7 @@ def test_path_sgd_step_lowers_for_cuda_and_tpu(mode, dtype):
     assert 'stablehlo.bitcast_convert' in module and 'stablehlo.case' in module
 
 
+@pytest.mark.slow
 def test_float64_step_lowers_too(x64):
   """It lowers (64-bit bitcasts included); TPUs emulate float64 slowly, GPUs run it."""
   exported = exported_step('mlp', jnp.float64)

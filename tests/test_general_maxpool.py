@@ -144,6 +144,7 @@ def general_mode(model, shape):
   return {'apply_fn': lambda q, x: model.apply({'params': q}, x), 'input_shape': shape}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pool', ['window', 'global'])
 def test_scales_and_norm_equal_a_sum_over_every_path(x64, pool):
   """p = 1 inside jit (the pass traced into the caller), p = 2 eagerly (the cached pass)."""
@@ -246,6 +247,7 @@ def train_both(model, tx, params, rescaled, inputs, labels, held_out):
   return gap(params, rescaled), gap(params, trained), gap(trained, trained_rescaled)
 
 
+@pytest.mark.slow
 def test_path_sgd_is_invariant_to_channel_rescalings_through_max_pools():
   model = PoolCNN()
   shape = (6, 6, 2)
@@ -369,6 +371,7 @@ def regulariser_gradients(mode, p, params):
   return jax.grad(regulariser)(params), jax.grad(log_norm)(params), log_norm(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', MODES)
 def test_path_norm_gradient_is_finite_and_right_at_phi_zero(x64, mode):
   """A zero-initialised head (phi_p = 0): the regulariser's gradient is 0, as from the

@@ -132,6 +132,7 @@ def random_nnx(cls, seed=0, dtype=np.float64):
   return graphdef, draw(shapes, seed, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('strides,padding', CONV_CASES, ids=str)
 def test_conv_scales_update_and_norm_match_explicit_edges(x64, strides, padding):
   model = ConvNet(strides, padding)
@@ -263,6 +264,7 @@ def output_gap(model, a, b, held_out):
   return gap if np.isfinite(gap) else np.inf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pool', ['avg'])  # max pooling: test_general_maxpool.py
 def test_path_sgd_keeps_channel_rescaled_residual_cnns_equivalent(pool):
   model, params, inputs, labels, held_out = make_problem(pool)
@@ -353,6 +355,7 @@ def nnx_mlp():
   return nnx.as_pure(state), lambda s, x: nnx.merge(graphdef, s)(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('make', [linen_mlp, nnx_mlp], ids=['linen', 'nnx'])
 def test_general_mode_equals_the_mlp_mode(make):
   params, apply_fn = make()
@@ -371,6 +374,7 @@ def test_general_mode_equals_the_mlp_mode(make):
   assert_trees_close(general, mlp)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_in_the_general_mode():
   graphdef, state = random_nnx(NNXMLP, dtype=np.float32)
   model = nnx.merge(graphdef, state)
@@ -396,6 +400,7 @@ def test_nnx_optimizer_in_the_general_mode():
   )
 
 
+@pytest.mark.slow
 def test_jit_compiles_once_and_p_may_be_injected():
   params, apply_fn = linen_mlp()
   grads = jax.tree.map(jnp.ones_like, params)
@@ -417,6 +422,7 @@ def test_jit_compiles_once_and_p_may_be_injected():
 # Float range and edge cases.
 
 
+@pytest.mark.slow
 def test_overflow_gives_zero_updates_and_inf_norm_never_nan():
   """phi_2 beyond float32 in the |theta|^2 pass: no step, norm +inf, scales +inf."""
   params, apply_fn = linen_mlp()
@@ -436,6 +442,7 @@ def test_overflow_gives_zero_updates_and_inf_norm_never_nan():
   assert all(bool(jnp.all(s == np.inf)) for s in jax.tree.leaves(scales))
 
 
+@pytest.mark.slow
 def test_float64_pass_covers_what_float32_cannot(x64):
   params, apply_fn = linen_mlp()  # float32 params; the pass runs in float64 under x64
   huge = jax.tree.map(lambda w: w * 1e12, params)
@@ -490,6 +497,7 @@ def test_dead_units_and_overflowing_scales_give_zero_not_nan():
   assert float(updates['c'][0, 0]) == 0.0 and float(updates['e'][0, 0]) == 0.0
 
 
+@pytest.mark.slow
 def test_masked_leaves_are_passed_through_when_the_forward_pass_does_not_need_them():
   params, apply_fn = linen_mlp()
   tree = {'trunk': params, 'aux': {'kernel': jnp.ones((3, 2))}}

@@ -20,6 +20,7 @@ def rescaled():
   }
 
 
+@pytest.mark.slow
 def test_path_geometry_of_sgd_is_path_sgd():
   """Equal for plain SGD. (With momentum both are invariant but differ: path_geometry
   averages whitened gradients and maps the average back with the current scales.)"""
@@ -41,6 +42,7 @@ INVARIANT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('start', ['factors_1e3', 'unbalance'])
 @pytest.mark.parametrize('name', sorted(INVARIANT))
 def test_path_geometry_keeps_rescaled_nets_equivalent(rescaled, name, start):
@@ -59,6 +61,7 @@ NOT_INVARIANT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(NOT_INVARIANT))
 def test_plain_adam_and_chained_path_adagrad_are_not_invariant(rescaled, name):
   params, inputs, labels, held_out = PROBLEM
@@ -78,6 +81,7 @@ def test_inner_may_not_read_params():
     optax_path.path_adam(1e-3).update(params, tx.init(params))
 
 
+@pytest.mark.slow
 def test_one_step_of_path_geometry_sgd_is_path_sgd_to_1e6():
   params, inputs, labels, _ = PROBLEM
   grads = jax.grad(loss_fn)(params, inputs[0], labels[0])

@@ -95,6 +95,7 @@ def rescaled_1e3(problem):
   return jax.jit(lambda q: rescale_every_unit(q, jax.random.key(1), 3.0))(problem[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('momentum', [None, 0.9])
 def test_path_sgd_keeps_rescaled_nets_equivalent(problem, rescaled_1e3, momentum):
   params, inputs, labels, held_out = problem
@@ -106,6 +107,7 @@ def test_path_sgd_keeps_rescaled_nets_equivalent(problem, rescaled_1e3, momentum
   assert output_gap(trained, trained_rescaled, held_out) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('start', ['rescaled_1e3', 'unbalance'])
 def test_stale_scales_keep_path_sgd_invariant(problem, rescaled_1e3, start):
   """refresh_every=5: each update divides by the scales of an equivalent earlier net."""
@@ -133,6 +135,7 @@ def test_sgd_does_not_keep_rescaled_nets_equivalent(problem, rescaled_1e3):
   assert output_gap(trained, trained_rescaled, held_out) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('make_unbalanced', ['factors_1e25', 'unbalance'])
 def test_float32_path_sgd_is_invariant_at_the_papers_scales(problem, make_unbalanced):
   params, inputs, labels, held_out = problem
@@ -159,6 +162,7 @@ def test_float32_path_sgd_is_invariant_at_the_papers_scales(problem, make_unbala
   assert output_gap(trained_sgd, trained_sgd_unbalanced, held_out) > 1.0  # SGD blows up
 
 
+@pytest.mark.slow
 def test_path_norm_is_invariant_and_rescalings_keep_the_function(problem, rescaled_1e3):
   params, _, _, held_out = problem
   unbalanced = optax_path.unbalance(jax.random.key(5), params, num_units=40)
@@ -191,6 +195,7 @@ def test_rebalance_leaves_zero_units_alone():
   np.testing.assert_allclose(rebalanced['Dense_1']['kernel'], [[5.0], [6.0]])
 
 
+@pytest.mark.slow
 def test_lemma_3_1_path_norm_is_the_min_over_rescalings_of_the_max_norm_product(x64):
   """phi_p(w) = min over rescalings of prod_layers max_unit ||incoming||_p (no biases).
 

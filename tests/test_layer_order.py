@@ -111,6 +111,7 @@ def linen_apply(model):
   return lambda q, x: model.apply({'params': q}, x)
 
 
+@pytest.mark.slow
 def test_linen_autoencoder_refuses_to_guess_and_layer_order_reads_the_model():
   model = AutoEncoder()
   params = model.init(jax.random.key(0), jnp.ones((1, 6)))['params']
@@ -148,6 +149,7 @@ class SetupMLP(nn.Module):
     return self.output(nn.relu(self.hidden(nn.relu(self.input(x)))))
 
 
+@pytest.mark.slow
 def test_setup_mlp_with_names_input_hidden_output():
   model = SetupMLP()
   params = model.init(jax.random.key(0), jnp.ones((1, 64)))['params']
@@ -258,6 +260,7 @@ def path_sgd_step(params, grads, lr=0.1):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('widths, frozen', [([1, 2, 2, 1], 1), ([4, 3, 3, 3], 1), ([1, 2, 2, 1], 0)])
 def test_frozen_layer_routed_away_is_an_error_and_the_right_recipe_is_exact(widths, frozen):
   params = mlp(widths)
@@ -392,6 +395,7 @@ def merge(a, b):
   return a
 
 
+@pytest.mark.slow
 def test_fuzz_right_scales_or_a_clear_error():
   """Random small nets, names, masks and dtypes: the library's scales are those of the
   true network (brute force, in its true order), or it raises a ValueError."""

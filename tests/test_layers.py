@@ -30,6 +30,7 @@ def normalize(params, grads=None, **kwargs):
   return normalize_once(optax_path.path_normalize(2.0, **kwargs), grads, params)
 
 
+@pytest.mark.slow
 def test_twelve_linen_layers_are_ordered_numerically():
   """Dense_10 sorts before Dense_2 as a string; the chain only fits in numeric order."""
   widths = list(range(2, 16))  # 13 layers, every width distinct
@@ -127,6 +128,7 @@ def test_conv_kernel_is_rejected_with_its_shape():
     normalize(params)
 
 
+@pytest.mark.slow
 def test_cnn_params_in_the_mlp_mode_name_the_general_mode():
   """A real Flax CNN's params, given without apply_fn=: the error names the fix."""
 
@@ -150,6 +152,7 @@ def test_cnn_params_in_the_mlp_mode_name_the_general_mode():
   assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('norm', ['LayerNorm', 'BatchNorm', 'RMSNorm'])
 def test_normalisation_leaves_say_the_network_is_outside_path_sgd(norm):
   """LayerNorm/BatchNorm leaves: the error says why Path-SGD does not cover them and
@@ -268,6 +271,7 @@ def test_rescale_matches_eq_1():
   np.testing.assert_array_equal(out['Dense_0']['kernel'][:, 1], params['Dense_0']['kernel'][:, 1])
 
 
+@pytest.mark.slow
 def test_unbalance_picks_units_over_all_hidden_layers():
   params = chain_params([5, 50, 50, 2], bias=False)
   out = optax_path.unbalance(jax.random.key(0), params, 40)

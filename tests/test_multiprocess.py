@@ -61,6 +61,7 @@ def relative_difference(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['cnn', 'mlp'])
 def test_two_processes_match_one(tmp_path, model):
   common = ['--model', model, '--steps', '8', '--local-devices']

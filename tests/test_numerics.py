@@ -40,6 +40,7 @@ def deep_net(seed=0, depth=40, width=6):
   return [np.asarray(k, np.float32) for k in kernels]
 
 
+@pytest.mark.slow
 def test_deep_net_scales_match_float64_log_reference_where_representable():
   kernels = deep_net()
   params = {f'layers_{l}': {'kernel': jnp.asarray(k)} for l, k in enumerate(kernels)}
@@ -90,6 +91,7 @@ def test_naive_float32_pass_would_overflow_on_this_net():
   assert not np.all(np.isfinite(g_in)) or not np.all(np.isfinite(g_out))
 
 
+@pytest.mark.slow
 def test_dead_units_give_zero_not_nan():
   params = {
     'Dense_0': {
@@ -145,6 +147,7 @@ class BF16MLP(nn.Module):
     return nn.Dense(3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(x)
 
 
+@pytest.mark.slow
 def test_bfloat16_params_scales_in_float32_updates_in_bfloat16():
   model = BF16MLP()
   x = jnp.ones((4, 8), jnp.bfloat16)
@@ -163,6 +166,7 @@ def test_bfloat16_params_scales_in_float32_updates_in_bfloat16():
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(optax_path.path_scales(params)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('p', [0.5, 1.0, 2.0, 7.0])
 def test_unbalanced_paper_init_scales_match_float64(p, x64):
   """float32 scales of a paper-style unbalanced net equal float64 ones where representable."""
@@ -215,6 +219,7 @@ def division_grid(dtype, rng):
   return g, row, col
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('terms', ['per unit', 'per parameter'])
 @pytest.mark.parametrize('dtype', DIVISION_DTYPES)
 def test_division_is_right_wherever_the_quotient_is_representable(dtype, terms, x64):
@@ -265,6 +270,7 @@ def test_division_of_the_largest_float32_gradient_by_a_scale_above_one():
   np.testing.assert_allclose(float(updates['Dense_0']['kernel'][0, 0]), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', DIVISION_DTYPES)
 @pytest.mark.parametrize('weight', ['1', 'huge'])
 def test_updates_of_the_largest_gradients_match_exact_division(dtype, weight, x64):

@@ -60,6 +60,7 @@ def test_jit_compiles_once():
   assert step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_inject_hyperparams_with_p_injected_or_static():
   for tx in (
     optax.inject_hyperparams(optax_path.path_sgd)(learning_rate=LR),
@@ -143,6 +144,7 @@ def test_nnx_optimizer():
   assert_trees_close(after, expected_step(before, grads))
 
 
+@pytest.mark.slow
 def test_path_adagrad_is_the_chain_and_schedules_work():
   schedule = optax.linear_schedule(LR, 0.0, 10)
   tx = optax_path.path_adagrad(schedule)
@@ -195,6 +197,7 @@ def test_reduce_on_plateau_receives_the_loss(where):
     (lambda: optax_path.path_geometry(optax.adagrad(0.1)), None),
   ],
 )
+@pytest.mark.slow
 def test_tree_get_count_finds_the_inner_optimizers_count(make, count):
   """Our counter is ``refresh_count``: ``count`` is the inner optimizer's, or absent."""
   params = _mlp()

@@ -130,6 +130,7 @@ def test_every_python_block_is_found():
   assert 'Example' in headings and 'Many devices' in headings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('block', BLOCKS, ids=[f'line{b.line}' for b in BLOCKS])
 def test_readme_block_runs_as_written(block: Block, tmp_path):
   script = tmp_path / f'readme_line{block.line}.py'

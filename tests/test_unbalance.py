@@ -33,6 +33,7 @@ def one_unit_factors(scheme: str) -> np.ndarray:
   return incoming
 
 
+@pytest.mark.slow
 def test_default_factor_is_the_authors_ten_times_lognormal(x64):
   factors = one_unit_factors('authors')
   z = np.log(factors / 10.0)
@@ -72,6 +73,7 @@ def reference_unbalance(params, picks, factors):
   return ws, bs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scheme', ['authors', 'stress'])
 def test_matches_a_unit_by_unit_reference_and_keeps_the_function(x64, scheme):
   rng = np.random.default_rng(1)

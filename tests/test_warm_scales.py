@@ -51,6 +51,7 @@ def float32_net(kind):
   return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['balanced', 'unbalance', 'factors_1e25'])
 def test_warm_passes_are_taken_and_exact_along_float32_training(kind):
   params = float32_net(kind)
@@ -82,6 +83,7 @@ def test_warm_passes_are_taken_and_exact_along_float32_training(kind):
   assert all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hint', ['unrelated', 'nan', 'zero_gamma'])
 def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
   params = float32_net('unbalance')
@@ -100,6 +102,7 @@ def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
   assert_logs_close(got[0] + got[1], float64_log_gammas(params), ulps=2)
 
 
+@pytest.mark.slow
 def test_dead_units_take_the_exact_passes_and_get_zero_updates(x64):
   params = random_mlp(np.random.default_rng(2), [3, 4, 4, 2])
   params['Dense_0']['kernel'][:, 1] = 0.0  # unit 1 of layer 0: gamma_in = 0
