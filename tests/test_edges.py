@@ -4,6 +4,7 @@ never the library's own passes."""
 
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -329,3 +330,40 @@ def test_rebalance_is_exact_near_the_ends_of_the_range_or_raises():
   message = r'rebalance \(1 / \|\|x\|\|_p = exp\(-23.02.*unit 0 of Dense_0'
   with pytest.raises(ValueError, match=message):
     optax_path.rebalance(over)
+
+
+# --- cases from the review of issue 11 --------------------------------------------------
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_path_scales_of_a_net_with_a_non_finite_weight_are_nan_eager_and_jitted(bad):
+  """XLA:CPU once returned logs or uninitialised memory here (exp of a NaN select)."""
+  params = {
+    'Dense_0': {'kernel': jnp.array([[1.0, 2.0]]), 'bias': jnp.array([0.5, 1.0])},
+    'Dense_1': {'kernel': jnp.array([[bad], [3.0]])},
+  }
+  for scales in (optax_path.path_scales(params), jax.jit(optax_path.path_scales)(params)):
+    assert all(bool(jnp.all(jnp.isnan(s))) for s in jax.tree.leaves(scales))
+  assert np.isnan(float(optax_path.path_norm(params)))
+
+
+@pytest.mark.parametrize('p', [0.5, 0.75, 0.99])
+def test_path_norm_gradient_is_finite_at_zero_weights_for_p_below_1(p):
+  """d|w|^p/dw is unbounded at 0 for p < 1; the convention is 0 there (as ReLU's at 0).
+  Elsewhere it is the derivative of the explicit path sum."""
+  zero_head = {'Dense_0': {'kernel': jnp.ones((2, 3))}, 'Dense_1': {'kernel': jnp.zeros((3, 2))}}
+  grads = jax.grad(lambda q: optax_path.path_norm(q, p) ** p)(zero_head)
+  assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(grads))
+  one_zero = {'Dense_0': {'kernel': jnp.array([[1.0, 0.0]])}, 'Dense_1': {'kernel': jnp.array([[2.0], [3.0]])}}
+  grads = jax.grad(lambda q: optax_path.path_norm(q, p) ** p)(one_zero)
+  # phi^p = |a|^p |c|^p + |b|^p |d|^p with a = 1, b = 0, c = 2, d = 3.
+  np.testing.assert_allclose(grads['Dense_0']['kernel'], [[p * 2.0**p, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(grads['Dense_1']['kernel'], [[p * 2.0 ** (p - 1)], [0.0]], rtol=1e-6)
+
+
+def test_rescale_with_one_factor_per_unit_needs_as_many_units():
+  params = [{'kernel': jnp.ones((2, 2))}, {'kernel': jnp.ones((2, 1))}]
+  with pytest.raises(ValueError, match=re.escape('c has shape (2,) and unit ()')):
+    optax_path.rescale(params, 0, 0, jnp.array([2.0, 3.0]))
+  out = optax_path.rescale(params, 0, jnp.array([0, 1]), jnp.array([2.0, 3.0]))
+  np.testing.assert_allclose(out[1]['kernel'], [[0.5], [1 / 3]], rtol=1e-6)

@@ -438,3 +438,33 @@ def test_fuzz_right_scales_or_a_clear_error():
 
 
 # --- 5. the README's recipes: tests/test_readme.py runs every README block, these among them.
+
+
+class CalledTwice(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(3)
+    return nn.Dense(3)(shared(nn.relu(shared(x))))
+
+
+class TiedAutoEncoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    encoder = nn.Dense(3)
+    h = nn.relu(nn.Dense(3)(nn.relu(encoder(x))))
+    return h @ encoder.variables['params']['kernel'].T
+
+
+@pytest.mark.parametrize('model', [CalledTwice(), TiedAutoEncoder()])
+def test_layer_order_refuses_a_kernel_applied_twice(model):
+  """Shared weights are no chain of distinct layers: the general mode, not a silent 2-layer net."""
+  params = model.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  with pytest.raises(ValueError, match='Dense_0 more than once.*general mode'):
+    optax_path.layer_order(params, apply_fn=linen_apply(model), input_shape=(3,))
+
+
+def test_layer_order_refuses_stacked_kernels():
+  params = {'Dense_0': {'kernel': jnp.ones((3, 3))}, 'ScanCell_0': {'kernel': jnp.ones((2, 3, 3))}}
+  apply_fn = lambda q, x: x @ q['Dense_0']['kernel'] @ q['ScanCell_0']['kernel'][0]
+  with pytest.raises(ValueError, match=re.escape('ScanCell_0/kernel (2, 3, 3)') + '.*general mode'):
+    optax_path.layer_order(params, apply_fn=apply_fn, input_shape=(3,))

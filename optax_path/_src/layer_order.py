@@ -33,9 +33,21 @@ def _inner_jaxpr(eqn) -> Any | None:
   return None
 
 
-def _walk(jaxpr, sources: dict, consumed: list[int]) -> list[frozenset]:
+def _has_body(eqn) -> bool:
+  """Whether an equation carries a jaxpr of its own (a loop, a branch, a call)."""
+  def is_jaxpr(value):
+    return isinstance(getattr(value, 'jaxpr', value), jex_core.Jaxpr)
+
+  return any(
+    is_jaxpr(v) or (isinstance(v, (tuple, list)) and any(is_jaxpr(x) for x in v))
+    for v in eqn.params.values()
+  )
+
+
+def _walk(jaxpr, sources: dict, uses: list[int], opaque: set[int]) -> list[frozenset]:
   """Propagates, for every value, the set of leaves it is computed from; records, in
-  program order, the leaf that is the weight operand of each matrix product."""
+  program order, the leaf that is the weight operand of each matrix product (``uses``),
+  and the leaves that flow into loops or branches it cannot see into (``opaque``)."""
 
   def read(atom) -> frozenset:
     return sources.get(atom, frozenset()) if isinstance(atom, jex_core.Var) else frozenset()
@@ -45,12 +57,12 @@ def _walk(jaxpr, sources: dict, consumed: list[int]) -> list[frozenset]:
     inner = _inner_jaxpr(eqn)
     if inner is not None:
       sources.update(zip(inner.invars, inputs))
-      outputs = _walk(inner, sources, consumed)
+      outputs = _walk(inner, sources, uses, opaque)
     else:
       if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
-        for deps in inputs:
-          if len(deps) == 1 and _INPUT not in deps and next(iter(deps)) not in consumed:
-            consumed.append(next(iter(deps)))
+        uses.extend(next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d)
+      elif _has_body(eqn):
+        opaque.update(i for d in inputs for i in d if i != _INPUT)
       union = frozenset().union(*inputs)
       outputs = [union] * len(eqn.outvars)
     sources.update(zip(eqn.outvars, outputs))
@@ -78,9 +90,10 @@ def layer_order(
     strings, from input to output.
 
   Raises:
-    ValueError: if ``apply_fn`` is not callable, ``input_shape`` is no shape, or a dense
-      kernel of ``params`` is not the weight of a matrix product in the trace (it is
-      unused, or used inside a loop such as ``nn.scan``): then list the layers by hand.
+    ValueError: if ``apply_fn`` is not callable, ``input_shape`` is no shape, a kernel is
+      not 2-D (a convolution, ``nn.scan``), a kernel is applied more than once (a layer
+      called twice, tied weights) or inside a loop or branch, or is not the weight of a
+      matrix product in the trace: such networks need the general mode or ``layers=``.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_path
@@ -105,6 +118,17 @@ def layer_order(
     for i, (path, leaf) in enumerate(named_leaves)
     if path and path[-1] == 'kernel' and getattr(leaf, 'ndim', None) == 2
   }
+  others = [
+    f'{layers_lib.format_path(path)} {tuple(leaf.shape)}'
+    for path, leaf in named_leaves
+    if path and path[-1] == 'kernel' and getattr(leaf, 'ndim', 2) != 2
+  ]
+  if others:
+    raise ValueError(
+      f'These kernels are not 2-D dense kernels: {"; ".join(others)} (convolutions, or '
+      'layers stacked by nn.scan). The MLP mode and layer_order handle dense layers only: '
+      'use the general mode (apply_fn=, input_shape=) for such networks.'
+    )
   if not kernels:
     raise ValueError('params holds no dense layer (a node with a 2-D "kernel" leaf).')
 
@@ -125,10 +149,28 @@ def layer_order(
     ) from error
   sources = {v: frozenset([i]) for v, i in zip(jaxpr.invars, arrays)}
   sources[jaxpr.invars[-1]] = frozenset([_INPUT])
-  consumed: list[int] = []
-  _walk(jaxpr, sources, consumed)
-  order = [i for i in consumed if i in kernels]
-  missing = [layers_lib.format_path(kernels[i]) for i in kernels if i not in order]
+  uses: list[int] = []
+  opaque: set[int] = set()
+  _walk(jaxpr, sources, uses, opaque)
+  name = lambda i: layers_lib.format_path(kernels[i])
+  looped = [name(i) for i in kernels if i in opaque]
+  if looped:
+    raise ValueError(
+      f'The kernels of {", ".join(looped)} are used inside a loop or branch of apply_fn '
+      '(lax.scan, fori_loop, while_loop, cond), so the order of the layers cannot be read '
+      'from the trace: list the layers from input to output with layers=, or use the '
+      'general mode (apply_fn=, input_shape=), which follows any graph.'
+    )
+  reused = sorted({name(i) for i in uses if i in kernels and uses.count(i) > 1})
+  if reused:
+    raise ValueError(
+      f'apply_fn applies the kernels of {", ".join(reused)} more than once (a layer called '
+      'twice, or tied weights): the network is not a chain of distinct dense layers, which '
+      'the MLP mode needs. Use the general mode (apply_fn=, input_shape=), which counts '
+      'every path through shared weights.'
+    )
+  order = [i for i in uses if i in kernels]
+  missing = [name(i) for i in kernels if i not in order]
   if missing:
     raise ValueError(
       f'The kernels of {", ".join(missing)} are not the weight of a matrix product in the '

@@ -116,18 +116,37 @@ def surface_invalid(vectors: Sequence[jax.Array], p: Exponent) -> list[jax.Array
   return [_where(invalid, jnp.nan, v) for v in vectors]
 
 
+def exp_keeping_nan(x: jax.Array) -> jax.Array:
+  """``exp(x)``, NaN where ``x`` is NaN.
+
+  Plain ``jnp.exp`` should do this, but XLA:CPU (jaxlib 0.10.2) miscompiles ``exp`` of
+  the NaN-selecting vectors of ``surface_invalid`` once fused: it returned the logs
+  themselves or uninitialised memory for a net with a NaN weight (``path_scales`` gave
+  finite numbers). Selecting NaN after the ``exp`` is compiled right.
+  """
+  return _where(jnp.isnan(x), jnp.nan, jnp.exp(x))
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """The dtype scales are computed in: at least float32."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
 def abs_pow(x: jax.Array, p: Exponent) -> jax.Array:
-  """``|x|^p``, with the common exponents 1 and 2 done without ``pow``."""
+  """``|x|^p``, with the common exponents 1 and 2 done without ``pow``.
+
+  For ``p < 1`` the derivative of ``|x|^p`` is unbounded at ``x = 0``; here it is 0
+  there (as ReLU's is at 0), so the gradient of the path norm is finite, never the
+  ``inf * 0 = NaN`` of the plain power.
+  """
   if isinstance(p, float) and p == 1.0:
     return jnp.abs(x)
   if isinstance(p, float) and p == 2.0:
     return jnp.square(x)
-  return jnp.abs(x) ** p
+  if isinstance(p, float) and p > 1.0:
+    return jnp.abs(x) ** p
+  zero = x == 0
+  return _where(zero, 0, jnp.abs(_where(zero, 1, x)) ** p)
 
 
 def explicitly_sharded(*arrays) -> bool:

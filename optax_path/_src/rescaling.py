@@ -193,6 +193,11 @@ def rescale(params: Any, layer: int, unit, c, *, layers=None) -> Any:
   width = net.hidden_widths[layer]
   _check_unit(unit, layer, width)
   _check_factor(c)
+  if np.ndim(c) > 0 and np.shape(c) != np.shape(unit):
+    raise ValueError(
+      f'c has shape {np.shape(c)} and unit {np.shape(unit)}: give one factor c (a scalar) '
+      'or one per index of unit (an array of the shape of unit).'
+    )
   c_dtype = jnp.result_type(c, jnp.float32)
   if not jnp.issubdtype(c_dtype, jnp.floating):
     c_dtype = jnp.float32

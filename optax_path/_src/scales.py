@@ -103,7 +103,7 @@ def layer_log_scales(log_in, log_out, biases, p) -> tuple[list[LogScale], list[L
 
 
 def _formed(log_scale: LogScale | None) -> jax.Array | None:
-  return None if log_scale is None else jnp.exp(sum(log_scale))
+  return None if log_scale is None else numerics.exp_keeping_nan(sum(log_scale))
 
 
 def _formed_scales(kernels, biases, p):
@@ -236,7 +236,7 @@ def path_scales(
     scales = _by_leaf(chain, *_layer_scales(*_layer_arrays(leaves, chain), p=p))
   else:
     leaves, treedef, log_scales = log_scale_leaves(params, p, None, apply_fn, input_shape)
-    scales = {i: jnp.exp(log_scale) for i, (log_scale,) in log_scales.items()}
+    scales = {i: numerics.exp_keeping_nan(log_scale) for i, (log_scale,) in log_scales.items()}
   scales = [scales.get(i, leaf) for i, leaf in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, scales)
 
@@ -301,6 +301,6 @@ def path_norm(
     Neyshabur, Tomioka & Srebro, `Norm-Based Capacity Control in Neural Networks
     <https://arxiv.org/abs/1503.00036>`_, COLT 2015.
   """
-  return jnp.exp(
+  return numerics.exp_keeping_nan(
     log_path_norm(params, p, layers=layers, apply_fn=apply_fn, input_shape=input_shape)
   )
