@@ -155,8 +155,9 @@ def explicitly_sharded(*arrays) -> bool:
   Under explicit sharding (``jax.make_mesh``'s default axis types) every operation
   must be given operands whose shardings agree; elsewhere sharding is XLA's business.
   """
+  typeof = getattr(jax, 'typeof', None)  # JAX releases before explicit sharding lack it
   for a in arrays:
-    sharding = getattr(jax.typeof(a), 'sharding', None)
+    sharding = getattr(typeof(a), 'sharding', None) if typeof else None
     mesh = getattr(sharding, 'mesh', None)
     if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
       continue
