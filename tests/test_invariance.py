@@ -142,7 +142,7 @@ def test_float32_path_sgd_is_invariant_at_the_papers_scales(problem, make_unbala
   if make_unbalanced == 'factors_1e25':
     unbalanced = rescale_some_units(params)
   else:
-    unbalanced = optax_path.unbalance(jax.random.key(3), params, num_units=64)
+    unbalanced = optax_path.unbalance(jax.random.key(3), params, num_units=64, scheme='stress')
   leaves = jax.tree.leaves(unbalanced)
   assert max(float(jnp.max(jnp.abs(w))) for w in leaves) > 1e5  # badly scaled indeed
   assert output_gap(params, unbalanced, held_out) < 1e-5
