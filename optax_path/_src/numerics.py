@@ -31,6 +31,17 @@ _NO_EXPONENT = -(2**30)  # exponent of 0: below every real exponent, yet no int3
 P_MIN, P_MAX = 0.5, 32.0
 
 
+def is_real(x: Any) -> bool:
+  """Whether ``x`` is a real number or array: a Python, numpy or JAX integer or float of
+  any shape; not a bool, complex number or string."""
+  dtype = getattr(x, 'dtype', None)
+  if isinstance(x, (bool, np.bool_, str, bytes)):
+    return False
+  if dtype is not None:
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+  return isinstance(x, numbers.Real)
+
+
 def validate_p(p: Any) -> Exponent:
   """Checks that ``p`` is a real number in ``[P_MIN, P_MAX] = [0.5, 32]``.
 
@@ -62,13 +73,7 @@ def validate_p(p: Any) -> Exponent:
   Raises:
     ValueError: ``p`` is not a real scalar, or out of ``[0.5, 32]``.
   """
-  dtype = getattr(p, 'dtype', None)
-  if isinstance(p, (bool, np.bool_, str, bytes)) or (
-    dtype is not None
-    and not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
-  ):
-    raise ValueError(f'p must be a real number, got {p!r}.')
-  if dtype is None and not isinstance(p, numbers.Real):
+  if not is_real(p):
     raise ValueError(f'p must be a real number, got {p!r}.')
   if np.ndim(p) != 0:
     raise ValueError(f'p must be a scalar, got an array of shape {np.shape(p)}.')

@@ -99,13 +99,7 @@ def _check_unit(unit, layer: int, width: int) -> None:
 def _check_factor(c) -> None:
   """``c`` real (Python, numpy or JAX; a scalar or one per unit), finite and > 0 when
   concrete."""
-  dtype = getattr(c, 'dtype', None)
-  if isinstance(c, (bool, np.bool_, str, bytes)) or (
-    dtype is not None
-    and not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
-  ):
-    raise ValueError(f'c must be a finite number > 0, got {c!r}.')
-  if dtype is None and not isinstance(c, numbers.Real):
+  if not numerics.is_real(c):
     raise ValueError(f'c must be a finite number > 0, got {c!r}.')
   if _is_traced(c):
     return
