@@ -2,30 +2,54 @@
 
 >>> import optax, optax_path
 >>> tx = optax.chain(optax_path.path_normalize(p=2.0), optax.sgd(1e-2))  # Path-SGD
+
+The names below are imported on first use (PEP 562), so that ``import optax_path`` does not
+start JAX: the command line (:mod:`optax_path.experiments`) then answers Ctrl-C during JAX's
+start-up with one line instead of a traceback from inside an import.
 """
 
-from optax_path._src.layer_order import layer_order
-from optax_path._src.geometry import PathGeometryState, path_adam, path_geometry
-from optax_path._src.rescaling import rebalance, rescale, unbalance
-from optax_path._src.scale_state import PathNormalizeState
-from optax_path._src.scales import log_path_norm, path_norm, path_scales
-from optax_path._src.transform import path_adagrad, path_normalize, path_sgd
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = '0.1.0'
 
-__all__ = (
-  'PathGeometryState',
-  'PathNormalizeState',
-  'layer_order',
-  'log_path_norm',
-  'path_adagrad',
-  'path_adam',
-  'path_geometry',
-  'path_norm',
-  'path_normalize',
-  'path_scales',
-  'path_sgd',
-  'rebalance',
-  'rescale',
-  'unbalance',
-)
+#: Public name -> the module that defines it.
+_PUBLIC = {
+  'PathGeometryState': 'optax_path._src.geometry',
+  'PathNormalizeState': 'optax_path._src.scale_state',
+  'layer_order': 'optax_path._src.layer_order',
+  'log_path_norm': 'optax_path._src.scales',
+  'path_adagrad': 'optax_path._src.transform',
+  'path_adam': 'optax_path._src.geometry',
+  'path_geometry': 'optax_path._src.geometry',
+  'path_norm': 'optax_path._src.scales',
+  'path_normalize': 'optax_path._src.transform',
+  'path_scales': 'optax_path._src.scales',
+  'path_sgd': 'optax_path._src.transform',
+  'rebalance': 'optax_path._src.rescaling',
+  'rescale': 'optax_path._src.rescaling',
+  'unbalance': 'optax_path._src.rescaling',
+}
+
+__all__ = tuple(_PUBLIC)
+
+
+def __getattr__(name: str) -> object:
+  if name not in _PUBLIC:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs read
+  from optax_path._src.geometry import PathGeometryState, path_adam, path_geometry
+  from optax_path._src.layer_order import layer_order
+  from optax_path._src.rescaling import rebalance, rescale, unbalance
+  from optax_path._src.scale_state import PathNormalizeState
+  from optax_path._src.scales import log_path_norm, path_norm, path_scales
+  from optax_path._src.transform import path_adagrad, path_normalize, path_sgd

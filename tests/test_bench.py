@@ -14,7 +14,7 @@ import statistics
 import pytest
 
 from optax_path.experiments import bench
-from optax_path.experiments.__main__ import main
+from optax_path.experiments.cli import main
 
 
 @pytest.fixture(scope='module')

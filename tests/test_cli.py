@@ -16,7 +16,7 @@ import pytest
 from test_experiments import small_digits, synthetic_rows
 
 import optax_path
-from optax_path.experiments import __main__ as cli
+from optax_path.experiments import cli
 from optax_path.experiments import bench, data, pipeline, report, rundir
 
 
@@ -298,6 +298,71 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
   assert stderr.strip().splitlines()[-1].startswith('optax-path reproduce: interrupted')
   assert (out / rundir.MARKER).exists()
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('delay', [0.5, 0.9, 1.4, 1.9, 2.6])
+def test_ctrl_c_during_start_up_ends_with_one_line_and_status_130(tmp_path, delay):
+  """SIGINT while JAX is imported, the parser built or the first step compiled.
+
+  Not earlier: in the first ~50 ms Python itself starts, before any code of ours runs.
+  """
+  argv = [sys.executable, '-m', 'optax_path.experiments', 'reproduce', '--quiet']
+  argv += ['--out', str(tmp_path / 'run')]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+  try:
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, stderr
+  assert 'Traceback' not in stderr and 'ignored' not in stderr, stderr
+  assert stderr.strip().splitlines()[-1].startswith('optax-path reproduce: interrupted')
+
+
+SWALLOWED_INTERRUPT = """
+import gc, os, signal, sys, threading, time
+from optax_path.experiments import __main__ as entry
+if sys.argv[1] == 'hook':
+  sys.unraisablehook = entry._redeliver_swallowed_interrupt
+slept = []
+def slow_once(phase, info):  # like JAX's gc callback, but long enough to be hit
+  if phase == 'start' and not slept:
+    slept.append(1)
+    time.sleep(0.3)
+gc.callbacks.append(slow_once)
+threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+  start = time.monotonic()
+  while time.monotonic() - start < 3:
+    gc.collect()
+  print('ran on')
+except KeyboardInterrupt:
+  print('interrupted')
+"""
+
+
+@pytest.mark.parametrize('hook, expected', [('none', 'ran on'), ('hook', 'interrupted')])
+def test_ctrl_c_inside_a_gc_callback_is_delivered_again(hook, expected):
+  """Python swallows a KeyboardInterrupt raised in a gc callback; the command line's hook
+  delivers it again (without it, the process runs on)."""
+  proc = subprocess.run(
+    [sys.executable, '-c', SWALLOWED_INTERRUPT, hook], capture_output=True, text=True, timeout=60
+  )
+  assert proc.stdout.strip() == expected, proc.stderr
+
+
+def test_import_optax_path_does_not_start_jax():
+  code = 'import sys, optax_path; print("jax" in sys.modules, sorted(optax_path.__all__) == '
+  code += 'sorted(n for n in dir(optax_path) if not n.startswith("_") and n != "TYPE_CHECKING"))'
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+  assert proc.stdout.split() == ['False', 'True'], proc.stderr
+  for name in optax_path.__all__:
+    assert getattr(optax_path, name).__name__ == name
+  with pytest.raises(AttributeError, match="no attribute 'path_sgdd'"):
+    optax_path.path_sgdd  # pylint: disable=pointless-statement
 
 def test_readme_documents_every_bench_config_and_the_rounds():
   readme = ' '.join((pathlib.Path(__file__).parents[1] / 'README.md').read_text().split())
