@@ -22,15 +22,17 @@ flattening, average and max pooling: the paper's ``(B + 1) T`` cost.
 Scope. ReLU networks (also leaky ReLU, PReLU and linear layers: positively homogeneous
 activations act as the identity on this pass, so the scales are those of the same
 graph) built from dense and convolutional layers with any stride and padding, biases,
-residual additions, average, sum or max pooling, flattening, reshapes. Out of scope, and
-giving numbers that are not path scales: BatchNorm, LayerNorm and other normalisations,
-non-homogeneous activations (GELU, tanh, sigmoid, swish), softmax or attention inside
-the network, products of activations. A negative result, only possible out of scope,
-gives a ``nan`` log scale. Run ``apply_fn`` deterministically (no dropout).
+residual additions, average, sum or max pooling, flattening, reshapes. Out of scope,
+and refused with a ``ValueError`` that names the primitive (``scope.check`` reads the
+jaxpr): BatchNorm in training mode, LayerNorm and other normalisations, non-homogeneous
+activations (GELU, tanh, sigmoid, swish), softmax or attention inside the network,
+products of activations, clips such as ``relu6``. Run ``apply_fn`` deterministically
+(no dropout).
 
-Fixed linear maps. The weights of maps that are not parameters enter the pass as the
-network applies them, not to the power ``p``: an average pool over ``k`` inputs weighs
-its paths by ``1/k`` rather than ``(1/k)^p``. For ``p = 1``, and for maps of weight 1
+Fixed linear maps. The weights of maps that are not parameters enter the pass as their
+absolute values, not to the power ``p``: an average pool over ``k`` inputs weighs its
+paths by ``1/k`` rather than ``(1/k)^p``, an input normalisation ``(x - m) / s`` by
+``1/|s|`` (from the input) and ``|m/s|`` (from the bias unit). For ``p = 1``, and for maps of weight 1
 (sum pooling, flattening, residual additions, concatenation), this is eq. 5 exactly.
 For other ``p`` it is the path regulariser of the same graph with those fixed weights
 counted once; it is still invariant to every rescaling, and so is Path-SGD with it. To
@@ -113,7 +115,7 @@ import optax
 
 from optax_path._src import layers as layers_lib
 from optax_path._src import numerics
-from optax_path._src import positive_pass
+from optax_path._src import positive_pass, scope
 
 ApplyFn = Callable[[Any, jax.Array], Any]
 
@@ -264,6 +266,15 @@ def _check_used(traced: _Traced) -> None:
     )
 
 
+def check_network(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) -> _Traced:
+  """``apply_fn`` traced (no compilation), after raising the ``ValueError`` of
+  ``log_scale_leaves`` that its network would give (used at ``init``, before any step)."""
+  traced = _trace(params, apply_fn, input_shape)
+  _check_used(traced)
+  scope.check(traced.closed_jaxpr)
+  return traced
+
+
 def _phi_p_to_the_p(jaxpr, consts, q: list[jax.Array]) -> jax.Array:
   """``sum_j f_q(1)_j``: the pass on ``q``, counting every path through a max."""
   x = jnp.ones(jaxpr.invars[-1].aval.shape, jaxpr.invars[-1].aval.dtype)
@@ -381,8 +392,9 @@ def log_scale_leaves(
   Raises:
     ValueError: if ``apply_fn`` is not callable, ``input_shape`` is no shape,
       ``params`` has no floating leaf, ``apply_fn`` fails on the all-ones input of that
-      shape (or on masked params), does not use one of the floating leaves, or applies
-      ``argmax``, ``sort`` and their kin to activations.
+      shape (or on masked params), does not use one of the floating leaves, is not a
+      ReLU network (a normalisation layer, GELU or tanh, a product of activations: see
+      ``scope``), or applies ``argmax``, ``sort`` and their kin to activations.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_path
@@ -407,8 +419,7 @@ def log_scale_leaves(
     Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015, eq. 9 and
     Algorithm 1; Gonon et al., ICLR 2024 (max pooling; see ``positive_pass``).
   """
-  traced = _trace(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
-  _check_used(traced)
+  traced = check_network(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
   log_scales = _run(_log_scales, traced, p)
   leaves = [leaf for _, leaf in traced.named_leaves]
   return leaves, traced.treedef, dict(zip(traced.indices, log_scales))
@@ -443,4 +454,5 @@ def log_path_norm(
     11.0
   """
   traced = _trace(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
+  scope.check(traced.closed_jaxpr)
   return _run(_log_path_norm, traced, p)

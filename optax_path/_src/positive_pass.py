@@ -27,6 +27,13 @@ operand depends on the params or the input (an *activation*):
 - ``pad`` of an activation with ``-inf`` or ``+inf`` (a max or min pool's explicit
   padding, as in ``jnp.pad(h, ..., constant_values=-jnp.inf)``) -> pad with 0.
 
+- ``sub`` of activations -> ``add``, ``neg`` -> the identity, and in ``add``,
+  ``sub``, ``mul``, ``div``, ``dot_general`` and ``conv_general_dilated`` with an
+  activation, a constant operand -> its absolute value: a fixed weight ``c`` (an input
+  normalisation ``(x - m) / s``, an average pool's ``1/k``, a negation) enters a path as
+  ``|c|``, as a parameter enters as ``|theta|^p``, so no path cancels another and no
+  ``gamma_in`` is negative.
+
 Every substitution is linear and keeps each channel within itself, so the pass stays
 invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
 ``c^p``, and a max of two activations is positively homogeneous only if both scale
@@ -59,9 +66,11 @@ from jax import lax
 _WINDOW_MAX = frozenset({'reduce_window_max', 'reduce_window_min'})
 _REDUCE_MAX = frozenset({'reduce_max', 'reduce_min'})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
-_SELECTS_BY_VALUE = frozenset(
+SELECTS_BY_VALUE = frozenset(
   {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
 )
+#: Linear in each operand: on the pass, a constant operand enters as its absolute value.
+_WEIGHTED = frozenset({'add', 'add_any', 'mul', 'div', 'dot_general', 'conv_general_dilated'})
 _CALLS = {  # call-like primitives: the parameter holding the body, which takes all invars
   'jit': 'jaxpr',
   'pjit': 'jaxpr',
@@ -153,13 +162,19 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'sum'
   if name in _ELEMENTWISE_MAX:
     return 'add' if all(dependent) else None
+  if name == 'sub':
+    return 'add_magnitudes'
+  if name == 'neg':
+    return 'identity'
+  if name in _WEIGHTED and not all(dependent):
+    return 'constant_magnitudes'
   if name == 'reduce_window':
     body = eqn.params['jaxpr']
     body = body.jaxpr if isinstance(body, jex_core.ClosedJaxpr) else body
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
-  if name in _SELECTS_BY_VALUE:
+  if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
 
@@ -231,6 +246,15 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.reduce_sum_p.bind(values[0], axes=params['axes'], out_sharding=None)]
   if rule == 'add':
     return [lax.add(values[0], values[1])]
+  if rule == 'identity':
+    return [values[0]]
+  if rule == 'add_magnitudes':
+    a, b = _constant_magnitudes(values, flags)
+    return [lax.add(a, b)]
+  if rule == 'constant_magnitudes':
+    bind_params = eqn.primitive.get_bind_params(params)
+    out = eqn.primitive.bind(*_constant_magnitudes(values, flags), **bind_params)
+    return out if eqn.primitive.multiple_results else [out]
   if rule == 'window_sum':
     if len(values) != 2:
       raise ValueError(
@@ -249,7 +273,11 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return _eval(body, consts, values, flags)
   if rule == 'cond':
     return _cond(eqn, values, flags)
-  raise ValueError(_unsupported_message(eqn))
+  raise ValueError(unsupported_message(eqn))
+
+
+def _constant_magnitudes(values: list[Any], flags: list[bool]) -> list[Any]:
+  return [v if dependent else jnp.abs(v) for v, dependent in zip(values, flags)]
 
 
 def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
@@ -263,9 +291,9 @@ def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[
   return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
 
 
-def _unsupported_message(eqn: jex_core.JaxprEqn) -> str:
+def unsupported_message(eqn: jex_core.JaxprEqn) -> str:
   name = eqn.primitive.name
-  if name in _SELECTS_BY_VALUE:
+  if name in SELECTS_BY_VALUE:
     return (
       f'apply_fn applies {name} to activations. The general mode counts every path '
       'through a max (a max pool sums over its window on the |theta|^p pass), but a '

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
-from optax_path._src import numerics, scale_state
+from optax_path._src import general, numerics, scale_state
 from optax_path._src import scales as scales_lib
 
 LayerSpecs = Sequence[layers_lib.LayerSpec] | None
@@ -221,7 +221,7 @@ def path_normalize(
 
 def _general_path_normalize(p, apply_fn, input_shape) -> optax.GradientTransformation:
   def init_fn(params):
-    del params
+    general.check_network(params, apply_fn, input_shape)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):

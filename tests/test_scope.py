@@ -1,0 +1,192 @@
+"""The general mode's scope: networks outside Path-SGD's class are refused, fixed weights
+enter the pass as |c|.
+
+Expected values come from explicit path enumeration in float64 (itertools over every
+input-to-output path), written here and not taken from the library.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_path
+
+
+class Net(nn.Module):
+  """Dense(4) -> ``middle`` -> Dense(2)."""
+
+  middle: str
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4)(x)
+    if self.middle == 'layer_norm':
+      h = nn.relu(nn.LayerNorm()(h))
+    elif self.middle == 'layer_norm_no_params':
+      h = nn.relu(nn.LayerNorm(use_scale=False, use_bias=False)(h))
+    elif self.middle == 'rms_norm':
+      h = nn.relu(nn.RMSNorm()(h))
+    elif self.middle == 'group_norm':
+      h = nn.relu(nn.GroupNorm(num_groups=2)(h))
+    elif self.middle == 'batch_norm_training':
+      h = nn.relu(nn.BatchNorm(use_running_average=False)(h))
+    elif self.middle == 'weight_norm':
+      h = nn.relu(nn.WeightNorm(nn.Dense(4))(h))
+    elif self.middle == 'attention':
+      h = nn.relu(nn.MultiHeadDotProductAttention(num_heads=1)(h[:, None, :])[:, 0, :])
+    elif self.middle == 'gating':
+      h = nn.relu(h) * h
+    else:  # an activation function
+      h = getattr(jax.nn, self.middle)(h)
+    return nn.Dense(2)(h)
+
+
+OUT_OF_SCOPE = {
+  'layer_norm': 'square',
+  'layer_norm_no_params': 'square',
+  'rms_norm': 'square',
+  'group_norm': 'square',
+  'batch_norm_training': 'square',
+  'weight_norm': 'rsqrt',
+  'attention': 'dot_general',
+  'gating': 'mul',
+  'gelu': 'integer_pow',
+  'tanh': 'tanh',
+  'sigmoid': 'logistic',
+  'swish': 'logistic',
+  'softmax': 'exp',
+  'relu6': 'min',
+}
+
+
+@pytest.mark.parametrize('middle', sorted(OUT_OF_SCOPE))
+def test_a_network_outside_path_sgd_is_refused_with_the_primitive_named(middle):
+  model = Net(middle)
+  variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  extra = {k: v for k, v in variables.items() if k != 'params'}
+
+  def apply_fn(params, x):
+    return model.apply({'params': params, **extra}, x, mutable=list(extra))[0]
+
+  mode = {'apply_fn': apply_fn, 'input_shape': (3,)}
+  params = variables['params']
+  pattern = f'applies {OUT_OF_SCOPE[middle]} to values computed from the params or the input'
+  for call in (
+    lambda: optax_path.path_normalize(**mode).init(params),
+    lambda: optax_path.path_norm(params, **mode),
+    lambda: optax_path.path_scales(params, **mode),
+  ):
+    with pytest.raises(ValueError, match=pattern) as raised:
+      call()
+    assert 'Theorem 4.1' in str(raised.value) and 'another optimizer' in str(raised.value)
+
+
+def test_in_scope_activations_and_a_batch_norm_with_running_averages_are_accepted():
+  for middle in ('relu', 'leaky_relu'):
+    model = Net(middle)
+    params = model.init(jax.random.key(1), jnp.ones((1, 3)))['params']
+    scales = optax_path.path_scales(
+      params, apply_fn=lambda q, x, m=model: m.apply({'params': q}, x), input_shape=(3,)
+    )
+    assert all(bool(jnp.all(jnp.isfinite(s) & (s > 0))) for s in jax.tree.leaves(scales))
+
+  class Eval(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))))
+
+  variables = Eval().init(jax.random.key(2), jnp.ones((1, 3)))
+  stats = variables['batch_stats']
+
+  def apply_fn(q, x):
+    return Eval().apply({'params': q, 'batch_stats': stats}, x)
+
+  norm = optax_path.path_norm(variables['params'], apply_fn=apply_fn, input_shape=(3,))
+  assert np.isfinite(float(norm)) and float(norm) > 0
+
+
+# --------------------------------------------------------------- fixed weights: |c|
+
+
+def brute_force(w1, b1, w2, b2, p, into_input, from_bias):
+  """phi_p^p and the gradient with respect to q1 = |w1|^p, by enumerating paths.
+
+  The input unit i reaches the first layer with fixed weight ``into_input[i]``, and a
+  bias unit with fixed weight ``from_bias[i]`` (an input normalisation's constant).
+  """
+  q1, qb1, q2, qb2 = (np.abs(np.asarray(a, np.float64)) ** p for a in (w1, b1, w2, b2))
+  phi, grad_q1 = 0.0, np.zeros_like(q1)
+  n_in, n_hidden = q1.shape
+  for i, h, o in itertools.product(range(n_in), range(n_hidden), range(q2.shape[1])):
+    start = abs(into_input[i]) + abs(from_bias[i])  # the two paths into input unit i
+    phi += start * q1[i, h] * q2[h, o]
+    grad_q1[i, h] += start * q2[h, o]
+  for h, o in itertools.product(range(n_hidden), range(q2.shape[1])):
+    phi += qb1[h] * q2[h, o]
+  phi += qb2.sum()
+  return phi, grad_q1
+
+
+def two_layers(params, x):
+  return jax.nn.relu(x @ params['w1'] + params['b1']) @ params['w2'] + params['b2']
+
+
+PARAMS = {
+  'w1': jnp.array([[0.5, -1.5, 2.0], [1.0, 0.25, -3.0]]),
+  'b1': jnp.array([0.1, -0.2, 0.3]),
+  'w2': jnp.array([[1.0, -2.0], [0.5, 1.5], [-0.75, 2.0]]),
+  'b2': jnp.array([0.2, -0.4]),
+}
+
+
+@pytest.mark.parametrize('p', [1.0, 2.0, 3.0])
+def test_an_input_normalisation_enters_as_the_magnitudes_of_its_constants(p):
+  """(x - m) / s with m, s of mixed signs: before, the pass computed (1 - m) / s (paths
+  cancelled, log scales NaN where negative)."""
+  m, s = np.array([0.75, -2.0]), np.array([0.5, -4.0])
+
+  def apply_fn(q, x):
+    return two_layers(q, (x - m) / s)
+
+  phi_p, grad_q1 = brute_force(**PARAMS, p=p, into_input=1 / s, from_bias=m / s)
+  mode = {'apply_fn': apply_fn, 'input_shape': (2,)}
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
+    np.testing.assert_allclose(optax_path.path_norm(params, p, **mode), phi_p ** (1 / p), rtol=1e-12)
+    scales = optax_path.path_scales(params, p, **mode)
+  np.testing.assert_allclose(scales['w1'], grad_q1 ** (2 / p), rtol=1e-12)
+
+
+def test_negation_and_subtraction_of_activations_count_their_paths_once():
+  """-(x @ w1) and a residual difference: the paths of the plain sum, not a cancellation."""
+  extra = {'w3': jnp.array([[2.0, -1.0, 0.5], [-0.5, 1.0, 1.5]])}
+  params = {**PARAMS, **extra}
+
+  def with_minus(q, x):
+    h = jax.nn.relu(-(x @ q['w1']) + q['b1'] - x @ q['w3'])
+    return h @ q['w2'] + q['b2']
+
+  def with_plus(q, x):
+    return jax.nn.relu(x @ q['w1'] + q['b1'] + x @ q['w3']) @ q['w2'] + q['b2']
+
+  mode = {'input_shape': (2,)}
+  for p in (1.0, 2.0):
+    minus = optax_path.path_scales(params, p, apply_fn=with_minus, **mode)
+    plus = optax_path.path_scales(params, p, apply_fn=with_plus, **mode)
+    for a, b in zip(jax.tree.leaves(minus), jax.tree.leaves(plus)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(minus))
+  # the plain sum equals brute force with w1 and w3 as parallel edges (p = 1: q adds)
+  phi_1, _ = brute_force(
+    np.abs(PARAMS['w1']) + np.abs(extra['w3']), PARAMS['b1'], PARAMS['w2'],
+    PARAMS['b2'], 1.0, into_input=np.ones(2), from_bias=np.zeros(2),
+  )
+  np.testing.assert_allclose(
+    optax_path.path_norm(params, 1.0, apply_fn=with_minus, **mode), phi_1, rtol=1e-6
+  )
