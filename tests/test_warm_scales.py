@@ -102,15 +102,28 @@ def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
   assert_logs_close(got[0] + got[1], float64_log_gammas(params), ulps=2)
 
 
-@pytest.mark.slow
-def test_dead_units_take_the_exact_passes_and_get_zero_updates(x64):
+@pytest.mark.parametrize('revived', [False, True])
+def test_dead_units_keep_the_warm_passes_and_get_zero_updates(x64, revived):
+  """A unit with gamma_in = 0 (all incoming weights and bias 0) and one with
+  gamma_out = 0 (all outgoing weights 0): their warm starts of -inf are taken as such
+  (before, every step fell back to the exact passes); a revived one is not."""
   params = random_mlp(np.random.default_rng(2), [3, 4, 4, 2])
   params['Dense_0']['kernel'][:, 1] = 0.0  # unit 1 of layer 0: gamma_in = 0
   params['Dense_0']['bias'][1] = 0.0
+  params['Dense_2']['kernel'][2, :] = 0.0  # unit 2 of layer 1: gamma_out = 0
   params = jax.tree.map(jnp.asarray, params)
   tx = optax_path.path_normalize()
   state = tx.init(params)
-  assert not bool(warm(params, state)[2])  # a warm start of -inf is no warm start
+  log_in, log_out, accurate = warm(params, state)
+  assert bool(accurate)
+  assert float(log_in[1][1]) == -np.inf and float(log_out[2][2]) == -np.inf
+  exact_in, exact_out = exact_log_gammas(params)
+  for got, expected in zip(log_in + log_out, exact_in + exact_out):
+    np.testing.assert_allclose(got, expected, rtol=1e-13)  # -inf where exact says -inf
+  if revived:  # the state still says dead, the weights no longer do
+    params['Dense_0']['kernel'] = params['Dense_0']['kernel'].at[0, 1].set(0.5)
+    params['Dense_2']['kernel'] = params['Dense_2']['kernel'].at[2, 0].set(0.5)
+    assert not bool(warm(params, state)[2])
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, state, params)
   expected = jax.tree.map(lambda s: jnp.where(s > 0, 1 / s, 0.0), optax_path.path_scales(params))

@@ -52,13 +52,15 @@ def _window(dtype, p: float) -> float:
 
 
 def _ranges(vectors: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """The smallest and largest entry of each vector, in one reduction for them all."""
+  """The smallest and largest entry of each vector other than ``-inf`` (a dead unit),
+  in one reduction for them all; ``(inf, -inf)`` for a vector of dead units only."""
   width = max(v.shape[0] for v in vectors)
-  pieces = []  # each vector, padded with its first entry: one concatenation for all
+  pieces = []  # each vector, padded with -inf (ignored): one concatenation for all
   for v in vectors:
-    pieces += [v, jnp.broadcast_to(v[:1], (width - v.shape[0],))]
+    pieces += [v, jnp.full((width - v.shape[0],), -jnp.inf, v.dtype)]
   padded = jnp.concatenate(pieces).reshape(len(vectors), width)
-  return jnp.min(padded, axis=1), jnp.max(padded, axis=1)
+  lowest = jnp.min(jnp.where(padded == -jnp.inf, jnp.inf, padded), axis=1)
+  return lowest, jnp.max(padded, axis=1)
 
 
 def centers(log_hints: Sequence[jax.Array], p: float) -> tuple[jax.Array, jax.Array]:
@@ -66,14 +68,16 @@ def centers(log_hints: Sequence[jax.Array], p: float) -> tuple[jax.Array, jax.Ar
   whether every factor fits the window around it.
 
   The sums along ``x`` are checked to lie within ``2^20`` of their warm starts, so the
-  warm starts alone bound every factor. A non-finite warm start does not fit.
+  warm starts alone bound every factor. A warm start of ``-inf`` (a dead unit, whose
+  factor is 0) bounds nothing; a NaN or ``+inf`` one does not fit.
   """
   lowest, highest = _ranges(log_hints)
   lowest = jnp.minimum(lowest[:-1], lowest[1:]) / p
   highest = jnp.maximum(highest[:-1], highest[1:]) / p
+  dead = lowest > highest  # both layers' units are all dead
   reach = (highest - lowest) / 2 + DEVIATION_BITS * numerics.LN2 / p
-  fits = reach <= _window(log_hints[0].dtype, p)
-  return jnp.where(fits, (highest + lowest) / 2, 0.0), fits
+  fits = dead | (reach <= _window(log_hints[0].dtype, p))
+  return jnp.where(fits & ~dead, (highest + lowest) / 2, 0.0), fits
 
 
 def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.Array:
@@ -91,15 +95,19 @@ def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.A
 
   Returns:
     The logs of the sums: right where they lie within ``2^20`` of ``log_hint`` and the
-    centre's window fits (``warm_passes`` checks both).
+    centre's window fits (``warm_passes`` checks both). Where ``log_hint`` is ``-inf``
+    (a dead unit): ``-inf`` if the sum is still 0, NaN (not near) if it is not.
   """
+  dead = log_hint == -jnp.inf
+  hint = jnp.where(dead, 0.0, log_hint)
   alpha = jnp.exp(log_x / p - center)  # 0 where x is 0
-  sigma = jnp.exp(center - log_hint / p)
+  sigma = jnp.exp(center - hint / p)
   alpha, sigma = (alpha[:, None], sigma[None, :]) if axis == 0 else (alpha[None, :], sigma[:, None])
   total = jnp.sum(numerics.abs_pow(alpha * w * sigma, p), axis=axis)
   if b is not None:  # |b|^p relative to the warm start; inf where far above it (checked)
-    total = total + jnp.exp(p * jnp.log(jnp.abs(b)) - log_hint)
-  return numerics.replicated(jnp.log(total) + log_hint)
+    total = total + jnp.exp(p * jnp.log(jnp.abs(b)) - hint)
+  log_total = jnp.where(dead & (total > 0), jnp.nan, jnp.log(total) + hint)
+  return numerics.replicated(log_total)
 
 
 def warm_passes(kernels, biases, p: float, hint_in, hint_out):
@@ -116,7 +124,7 @@ def warm_passes(kernels, biases, p: float, hint_in, hint_out):
   log_out = log_out[::-1]
   sums = jnp.concatenate(log_in[1:] + log_out[:-1])
   hints = jnp.concatenate(list(hint_in[1:]) + list(hint_out[:-1]))
-  near = jnp.abs(sums - hints) <= DEVIATION_BITS * numerics.LN2  # false for NaN
+  near = (sums == hints) | (jnp.abs(sums - hints) <= DEVIATION_BITS * numerics.LN2)  # NaN: no
   accurate = jnp.all(fits_in) & jnp.all(fits_out) & jnp.all(near)
   return log_in, log_out, accurate
 
