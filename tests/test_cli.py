@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -382,3 +384,26 @@ def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
     assert (tmp_path / 'new.csv').stat().st_mode & 0o777 == 0o640  # an existing file's kept
   finally:
     os.umask(umask)
+
+
+def readme_commands() -> list[list[str]]:
+  """The ``python -m optax_path.experiments`` commands of the README's bash blocks."""
+  text = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  commands = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.DOTALL):
+    for line in block.replace('\\\n', ' ').splitlines():
+      words = shlex.split(line, comments=True)
+      if words[:3] == ['python', '-m', 'optax_path.experiments']:
+        commands.append(words[3:])
+  return commands
+
+
+def test_every_readme_command_line_is_accepted_by_the_parser():
+  """The bash blocks are not run (minutes to hours); their options must still exist."""
+  commands = readme_commands()
+  assert len(commands) >= 10
+  parser = cli.build_parser()
+  for argv in commands:
+    args = parser.parse_args(argv)
+    if args.command == 'reproduce':
+      cli.make_config(args, parser)
