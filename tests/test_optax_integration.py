@@ -215,3 +215,58 @@ def test_path_geometry_with_an_inner_that_reads_params_says_why():
   tx = optax_path.path_geometry(optax.adamw(1e-3))
   with pytest.raises(ValueError, match='params=None, by design.*breaks the rescaling invariance.*path_norm'):
     tx.update(params, tx.init(params), params)
+
+
+def count_compiles(run) -> int:
+  """How many XLA compilations ``run()`` triggers."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return len(compiles)
+
+
+@pytest.mark.parametrize('factory', [optax_path.path_sgd, optax_path.path_adam])
+def test_eager_injected_hyperparams_compile_once(factory):
+  """inject_hyperparams rebuilds the transformation on every update; eagerly, each
+  rebuild used to compile the update anew (1.6 s a step on a 3-layer MLP, 2 to 3 s for
+  path_adam); the learning rate, an argument of every update, must still take effect."""
+  tx = optax.inject_hyperparams(factory)(learning_rate=LR)
+  state = tx.init(PARAMS)
+  state.hyperparams['learning_rate'] = jnp.asarray(LR)  # as a user sets it
+  tx.update(PARAMS, state, PARAMS)  # compiles
+  counts, steps = [], []
+  for lr in (LR, LR / 2):
+    state.hyperparams['learning_rate'] = jnp.asarray(lr)
+
+    def step(state=state):
+      steps.append(tx.update(PARAMS, state, PARAMS)[0])
+
+    counts.append(count_compiles(step))
+  assert counts == [0, 0]
+  if factory is optax_path.path_sgd:  # Adam's step is not linear in its gradients' scale
+    for fast, slow in zip(jax.tree.leaves(steps[0]), jax.tree.leaves(steps[1])):
+      np.testing.assert_allclose(slow, fast / 2, rtol=1e-6)
+
+
+def test_eager_path_sgd_equals_jitted_and_distinct_settings_are_not_confused():
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  for kwargs in ({}, {'momentum': 0.9}, {'nesterov': True, 'momentum': 0.5}, {'p': 1.0}):
+    results = []
+    for lr in (0.1, 0.3):
+      tx = optax_path.path_sgd(lr, **kwargs)
+      eager = tx.update(grads, tx.init(PARAMS), PARAMS)[0]
+      jitted = jax.jit(tx.update)(grads, tx.init(PARAMS), PARAMS)[0]
+      for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+      results.append(eager)
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+      np.testing.assert_allclose(b, 3 * a, rtol=1e-6)

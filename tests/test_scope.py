@@ -190,3 +190,116 @@ def test_negation_and_subtraction_of_activations_count_their_paths_once():
   np.testing.assert_allclose(
     optax_path.path_norm(params, 1.0, apply_fn=with_minus, **mode), phi_1, rtol=1e-6
   )
+
+
+# ------------------------------------------- siblings: clips, gates, masks, loops
+
+
+def middle(act):
+  """The two-layer net of PARAMS with ``act`` on its hidden units."""
+  return lambda q, x: act(x @ q['w1'] + q['b1']) @ q['w2'] + q['b2']
+
+
+C6 = jnp.full((3,), 6.0)
+MASK = jnp.array([True, True, False])
+
+
+@jax.jit
+def clip_at(h, t):
+  return jnp.minimum(h, t)
+
+
+REFUSED = {
+  'jnp.clip(h, 0, 6)': (lambda h: jnp.clip(h, 0.0, 6.0), 'max or min with a constant'),
+  'maximum with a full_like 6': (lambda h: jnp.maximum(h, jnp.full_like(h, 6.0)), 'max or min'),
+  'minimum with a closed-over 6': (lambda h: jnp.minimum(h, C6), 'max or min'),
+  'a jitted clip called with 6': (lambda h: clip_at(h, 6.0), 'max or min'),
+  'hard_tanh': (jax.nn.hard_tanh, 'comparison of activations with a constant'),
+  'thresholded relu': (lambda h: jnp.where(h > 1.0, h, 0.0), 'comparison'),
+  'where(h > 0, h, 1)': (lambda h: jnp.where(h > 0, h, 1.0), 'constant other than 0 chosen'),
+  'h * sign(h - 1)': (lambda h: h * jnp.sign(h - 1), 'step function of another value'),
+  'sign(h)': (jnp.sign, 'step function'),
+  'heaviside': (lambda h: (h > 0).astype(h.dtype), 'step function'),
+  'quantised': (lambda h: h.astype(jnp.int32).astype(h.dtype), 'cast of activations'),
+  'gate from another unit': (lambda h: jnp.where(h[:, :1] > 0, h, 0.0), 'another value'),
+  'while_loop': (
+    lambda h: jax.lax.while_loop(lambda c: c[0] < 1, lambda c: (c[0] + 1, jnp.tanh(c[1])), (0, h))[1],
+    'while_loop',
+  ),
+  'masked max, -1e9': (
+    lambda h: jnp.max(jnp.where(MASK, h, -1e9), -1, keepdims=True) * jnp.ones(3), 'mask such as -1e9'
+  ),
+  'masked max, added -inf': (
+    lambda h: jnp.max(h + jnp.where(MASK, 0.0, -jnp.inf), -1, keepdims=True) * jnp.ones(3),
+    'infinite constant',
+  ),
+  'product pooling': (
+    lambda h: jax.lax.reduce_window(h, 1.0, jax.lax.mul, (1, 3), (1, 1), 'VALID') * jnp.ones(3),
+    'computation is mul',
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFUSED))
+def test_clips_gates_masks_and_loops_are_refused(name):
+  """Each gave wrong scales (zeros for the clipped units' weights), NaN or +inf before."""
+  act, pattern = REFUSED[name]
+  with pytest.raises(ValueError, match=pattern):
+    optax_path.path_scales(PARAMS, apply_fn=middle(act), input_shape=(2,))
+
+
+def test_an_embedding_is_refused():
+  class Embedded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.relu(nn.Embed(5, 2)(x.astype(jnp.int32))).reshape(x.shape[0], -1))
+
+  params = Embedded().init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  with pytest.raises(ValueError, match='embedding'):
+    optax_path.path_norm(params, apply_fn=lambda q, x: Embedded().apply({'params': q}, x), input_shape=(3,))
+
+
+ACCEPTED = {
+  'relu as h * (h > 0)': lambda h: h * (h > 0),
+  'leaky relu by where': lambda h: jnp.where(h >= 0, h, 0.1 * h),
+  'relu of a fixed bias': lambda h: jax.nn.relu(h - 1.0),
+  'maximum with zeros_like': lambda h: jnp.maximum(h, jnp.zeros_like(h)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ACCEPTED))
+def test_relu_written_other_ways_equals_relu(name):
+  """On the pass every ReLU is the identity: the scales equal those of plain ReLU (the
+  fixed bias -1 adds |-1| = 1 to the bias unit's |b|^p, p = 2 here)."""
+  got = optax_path.path_scales(PARAMS, apply_fn=middle(ACCEPTED[name]), input_shape=(2,))
+  if name == 'relu of a fixed bias':
+    shifted = {**PARAMS, 'b1': jnp.sqrt(PARAMS['b1'] ** 2 + 1.0)}  # |b1'|^2 = |b1|^2 + |-1|
+    want = optax_path.path_scales(shifted, apply_fn=middle(jax.nn.relu), input_shape=(2,))
+    got, want = {k: got[k] for k in ('w1', 'w2')}, {k: want[k] for k in ('w1', 'w2')}
+  else:
+    want = optax_path.path_scales(PARAMS, apply_fn=middle(jax.nn.relu), input_shape=(2,))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_relu_rnn_in_lax_scan_with_constants_is_accepted():
+  """A regression of the first scope check: constants inside scan counted as a rewrite the
+  pass could not make. Expected: the same net unrolled by hand (p = 1, weights >= 0)."""
+  q = {'wh': jnp.full((3, 3), 0.5), 'wx': jnp.full((2, 3), 0.25), 'wo': jnp.ones((3, 1))}
+
+  def rnn(q, x):
+    step = lambda c, xt: (jax.nn.relu(c @ q['wh'] * 0.5 + xt @ q['wx']), None)
+    c, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1))
+    return c @ q['wo']
+
+  def unrolled(q, x):
+    c = jnp.zeros((x.shape[0], 3))
+    for t in range(x.shape[1]):
+      c = jax.nn.relu(c @ q['wh'] * 0.5 + x[:, t] @ q['wx'])
+    return c @ q['wo']
+
+  mode = {'input_shape': (4, 2)}
+  np.testing.assert_allclose(
+    optax_path.path_norm(q, 1.0, apply_fn=rnn, **mode),
+    optax_path.path_norm(q, 1.0, apply_fn=unrolled, **mode), rtol=1e-6,
+  )

@@ -99,6 +99,18 @@ def path_geometry(
       return scales_lib.log_scale_leaves(params, p, **mode)[2], scales
     return scale_state.refreshed_log_scales(params, p, layers, scales, refresh_every=1)
 
+  def whiten(updates, params, scales):
+    log_scales, scales = log_scale_leaves(params, scales)
+    log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
+    sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
+    return transform.divide_by_split_scales(updates, sqrt_scales), sqrt_scales, scales
+
+  # Eagerly, the two divisions run compiled and inner as it runs alone; rebuilt with
+  # equal settings (optax.inject_hyperparams does so on every update), they compile once.
+  config = ('path_geometry', p, layers) if apply_fn is None and isinstance(p, float) else None
+  whiten = transform.compiled_when_eager(whiten, config)
+  map_back = transform.compiled_when_eager(transform.divide_by_split_scales, 'map_back')
+
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
@@ -106,15 +118,11 @@ def path_geometry(
         'scales: call update(updates, state, params).'
       )
     transform.check_same_structure(updates, params)
-    log_scales, scales = log_scale_leaves(params, state.scales)
-    log_sqrt_scales = {i: tuple(t / 2 for t in terms) for i, terms in log_scales.items()}
-    sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
-    whitened = transform.divide_by_split_scales(updates, sqrt_scales)
+    whitened, sqrt_scales, scales = whiten(updates, params, state.scales)
     step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
-    step = transform.divide_by_split_scales(step, sqrt_scales)
-    return step, PathGeometryState(inner_state, scales)
+    return map_back(step, sqrt_scales), PathGeometryState(inner_state, scales)
 
-  return optax.GradientTransformationExtraArgs(init_fn, transform.compiled_when_eager(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 INNER_READS_PARAMS_MSG = (

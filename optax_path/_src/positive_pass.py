@@ -193,16 +193,29 @@ def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
       inner = dependent
     else:  # a body whose inputs are not the eqn's: count them all as activations
       inner = [True] * len(jaxpr.invars)
-    if _rewrites(jaxpr, inner):
+    if _rewrites(jaxpr, inner, maxima_only=True):
       return 'unsupported'
   return None
 
 
-def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool]) -> bool:
+#: Rules that only take magnitudes: inside a loop, which cannot be rewritten, the pass
+#: goes on with the constants as the network applies them.
+_MAGNITUDE_RULES = frozenset({'identity', 'add_magnitudes', 'constant_magnitudes'})
+
+
+def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool], maxima_only: bool = False) -> bool:
+  """Whether evaluating ``jaxpr`` needs a substitution (with ``maxima_only``, one of a
+  max: the substitutions without which paths would be lost)."""
   dependent = dict(zip(jaxpr.invars, dependent_invars))
   for eqn in jaxpr.eqns:
     flags = [_is_dependent(v, dependent) for v in eqn.invars]
-    if _rule(eqn, flags) is not None:
+    rule = _rule(eqn, flags)
+    if maxima_only and rule in ('inline', 'cond'):
+      bodies = [_open(b)[0] for b in _params_jaxprs(eqn.params)]
+      inner = flags[1:] if rule == 'cond' else flags
+      if any(_rewrites(b, inner, maxima_only=True) for b in bodies):
+        return True
+    elif rule is not None and not (maxima_only and rule in _MAGNITUDE_RULES):
       return True
     for v in eqn.outvars:
       dependent[v] = any(flags)

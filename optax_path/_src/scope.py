@@ -15,13 +15,23 @@ depend on the params or the input:
 - a product (``mul``, ``dot_general``, ``conv_general_dilated``) of two values that both
   depend on the input (attention, gating, ``x * x``), or a division by a value that
   depends on the params or the input;
-- a max or min with a constant other than 0 or infinity (a clip such as ``relu6``).
+- a max or min with a constant other than 0 or infinity (a clip such as ``relu6``), a
+  comparison with a constant other than 0 (``jnp.where(h > 1, h, 0)``, ``hard_tanh``),
+  a step function used as a value (``(h > 0).astype(float)``, ``sign(h)``, a cast to
+  an integer), a constant other than 0 put in place of units (``jnp.where(mask, h,
+  -1e9)``, an added ``-inf`` mask), an embedding (indices read from the input), a
+  ``while_loop`` (the scales need the gradient of the forward pass: use ``lax.scan``).
+
+Constants computed inside the trace (``jnp.clip``'s bounds, ``jnp.zeros_like``) are
+folded to their values first, so a comparison or a max with them is judged by value.
 
 What is allowed: linear and structural primitives (sums, reshapes, slices, pads,
 concatenations, gathers with constant indices, dtype casts, sharding annotations), a
 product of an activation with a constant or a parameter (a diagonal layer), ReLU
-(``max`` with 0), comparisons and ``select_n`` (``jnp.where(x > 0, x, a * x)``), max
-pooling (see :mod:`~optax_path._src.positive_pass`), ``abs``. A BatchNorm that uses its
+(``max`` with 0, ``h * (h > 0)``), ``jnp.where(h > 0, h, a * h)`` (leaky ReLU), max
+pooling (see :mod:`~optax_path._src.positive_pass`), ``abs``, ``lax.scan`` over such
+layers. A learnable activation slope (PReLU's) is not a weight of any path: on the
+pass its branch is never taken, so its scale is 0. A BatchNorm that uses its
 running averages is a fixed affine map, and so allowed.
 
 References:
@@ -33,50 +43,73 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.extend.core as jex_core
 import numpy as np
 
 from optax_path._src import positive_pass
 
-#: Linear or structural in each operand: any operand may be an activation.
-_LINEAR = frozenset({
-  'add', 'add_any', 'sub', 'neg', 'abs', 'reduce_sum', 'reduce_window_sum', 'cumsum',
-  'reshape', 'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'concatenate',
-  'split', 'slice', 'dynamic_slice', 'dynamic_update_slice', 'gather', 'scatter-add',
-  'scatter_add', 'pad', 'rev', 'copy', 'copy_p', 'convert_element_type', 'select_n',
-  'reduce_precision', 'sharding_constraint', 'mesh_cast', 'reshard', 'device_put',
-  'psum', 'all_gather', 'optimization_barrier', 'stop_gradient',
-  # maxima, rewritten as sums on the pass (positive_pass)
-  'reduce_window_max', 'reduce_window_min', 'reduce_max', 'reduce_min', 'reduce_window',
+#: Structural: moves or copies entries; the output is what its data operands are.
+_STRUCTURAL = frozenset({
+  'reshape', 'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'split', 'slice',
+  'rev', 'copy', 'copy_p', 'reduce_precision', 'sharding_constraint', 'mesh_cast',
+  'reshard', 'device_put', 'optimization_barrier', 'neg', 'abs', 'stop_gradient',
 })
-#: Products: at most one operand may depend on the input.
+#: Sums of their operands (a step function or a non-finite constant must not enter).
+_SUMS = frozenset({
+  'add', 'add_any', 'sub', 'concatenate', 'pad', 'reduce_sum', 'reduce_window_sum',
+  'cumsum', 'psum', 'all_gather',
+})
+#: Maxima, rewritten as sums on the pass (positive_pass).
+_MAXIMA = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_max', 'reduce_min'})
+#: Indexing: the operands after the first are indices, which must not come from the input.
+_INDEXING = frozenset({'gather', 'dynamic_slice', 'dynamic_update_slice', 'scatter-add', 'scatter_add'})
+_COMPARISONS = frozenset({'gt', 'ge', 'lt', 'le', 'eq', 'ne'})
+_LOGICAL = frozenset({'and', 'or', 'not', 'xor', 'is_finite', 'reduce_and', 'reduce_or'})
 _PRODUCTS = frozenset({'mul', 'dot_general', 'conv_general_dilated'})
-#: Outputs that are not activations (a predicate, a sign): they only select.
-_PREDICATES = frozenset({
-  'gt', 'ge', 'lt', 'le', 'eq', 'ne', 'sign', 'is_finite', 'and', 'or', 'not', 'xor',
-})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
-#: Bodies of call-like primitives, checked as inlined.
-_CALL_BODIES = ('jaxpr', 'call_jaxpr', 'fun_jaxpr', 'branches')
-
 _POWERS = frozenset({'square', 'integer_pow', 'pow'})
 _ROOTS = frozenset({'rsqrt', 'sqrt', 'cbrt'})
+_CALL_BODIES = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')
+_FOLD_LIMIT = 1 << 20  # entries: larger constants are not folded (judged unknown)
 
 
-class _Flags:
-  """Per variable: depends on the params or the input (``dep``), on the input (``inp``)."""
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """What a value is: computed from the params or the input (``dep``), from the input
+  (``inp``), a step function of the input, of degree 0 (``gate``: a predicate, a
+  sign, a mask), and the value of a constant where known."""
 
-  def __init__(self) -> None:
-    self.dep: dict[Any, bool] = {}
-    self.inp: dict[Any, bool] = {}
+  dep: bool = False
+  inp: bool = False
+  gate: bool = False
+  value: Any = None
+  ident: Any = None  # an activation: which one (kept by calls and copies)
+  source: Any = None  # a gate: the activation it tests
 
-  def of(self, atom: Any) -> tuple[bool, bool]:
-    if isinstance(atom, jex_core.Literal):
-      return False, False
-    return self.dep.get(atom, False), self.inp.get(atom, False)
+  @property
+  def act(self) -> bool:
+    return self.inp and not self.gate
+
+  def join(self, other: '_Kind') -> '_Kind':
+    return _Kind(self.dep or other.dep, self.inp or other.inp, self.gate or other.gate)
+
+
+_CONST = _Kind()
+_PARAM = _Kind(dep=True)
+#: Keep the value as it is: the output is the same activation.
+_SAME_VALUE = frozenset({
+  'copy', 'copy_p', 'convert_element_type', 'sharding_constraint', 'mesh_cast', 'reshard',
+  'device_put', 'optimization_barrier', 'reduce_precision',
+})
+
+
+def _activation() -> _Kind:
+  return _Kind(dep=True, inp=True, ident=object())
 
 
 def check(closed_jaxpr: jex_core.ClosedJaxpr) -> None:
@@ -91,50 +124,212 @@ def check(closed_jaxpr: jex_core.ClosedJaxpr) -> None:
       network other than a ReLU network (see the module docstring), and what to do.
   """
   jaxpr = closed_jaxpr.jaxpr
-  n = len(jaxpr.invars)
-  consts = dict(zip(jaxpr.constvars, closed_jaxpr.consts))
-  _check(jaxpr, [True] * n, [False] * (n - 1) + [True], consts)
+  kinds = [_PARAM] * (len(jaxpr.invars) - 1) + [_activation()]
+  consts = [_Kind(value=c) for c in closed_jaxpr.consts]
+  with jax.ensure_compile_time_eval():
+    _check(jaxpr, consts, kinds)
 
 
-def _check(jaxpr: jex_core.Jaxpr, dep: Sequence[bool], inp: Sequence[bool], consts) -> None:
-  flags = _Flags()
-  flags.dep.update(zip(jaxpr.invars, dep))
-  flags.inp.update(zip(jaxpr.invars, inp))
+def _check(jaxpr: jex_core.Jaxpr, consts: Sequence[_Kind], kinds: Sequence[_Kind]) -> list[_Kind]:
+  """The kinds of ``jaxpr``'s outputs, raising where it leaves the scope."""
+  env: dict[Any, _Kind] = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, kinds))
+
+  def read(atom):
+    if isinstance(atom, jex_core.Literal):
+      return _Kind(value=atom.val)
+    return env.get(atom, _CONST)
+
   for eqn in jaxpr.eqns:
-    operands = [flags.of(v) for v in eqn.invars]
-    dep_in = [d for d, _ in operands]
-    inp_in = [i for _, i in operands]
-    if any(dep_in):
-      _check_eqn(eqn, dep_in, inp_in, consts)
-    predicate = eqn.primitive.name in _PREDICATES
-    for v in eqn.outvars:
-      flags.dep[v] = any(dep_in) and not predicate
-      flags.inp[v] = any(inp_in) and not predicate
+    operands = [read(v) for v in eqn.invars]
+    outs = _eqn_kinds(eqn, operands)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
 
 
-def _check_eqn(eqn: jex_core.JaxprEqn, dep: list[bool], inp: list[bool], consts) -> None:
+def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   name = eqn.primitive.name
+  n_out = len(eqn.outvars)
   bodies = [b for key in _CALL_BODIES for b in _as_list(eqn.params.get(key))]
-  if bodies:
-    for body in bodies:
-      jaxpr, body_consts = (body.jaxpr, body.consts) if hasattr(body, 'consts') else (body, ())
-      offset = len(eqn.invars) - len(jaxpr.invars)  # cond: the index operand comes first
-      if offset >= 0:
-        _check(jaxpr, dep[offset:], inp[offset:], dict(zip(jaxpr.constvars, body_consts)))
-    return
+  is_call = bodies and name not in ('reduce_window', 'reduce', 'scan')
+  if not any(k.dep for k in ops) and not is_call:
+    return [_Kind(value=v) for v in _folded(eqn, ops)]
+  if name == 'scan':
+    return _scan_kinds(eqn, ops)
+  if name == 'cond':
+    outs = [_check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']]
+    return [_join(column) for column in zip(*outs)]
+  if is_call:  # jit, custom_jvp, checkpoint, ...: its body, with constants folded too
+    body = bodies[0]
+    jaxpr, body_consts = (body.jaxpr, body.consts) if hasattr(body, 'consts') else (body, ())
+    return _check(jaxpr, [_Kind(value=c) for c in body_consts], ops)
+  out = _elementary(eqn, name, ops)
+  if out.act and out.ident is None or (out.act and name not in _SAME_VALUE):
+    out = dataclasses.replace(out, ident=object())  # a new activation
+  return [out] * n_out
+
+
+def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
+  joined = _join(ops)
+  refuse = lambda what: _refuse(name, what)  # noqa: E731
   if name in positive_pass.SELECTS_BY_VALUE:
     raise ValueError(positive_pass.unsupported_message(eqn))
-  if name in _LINEAR or name in _PREDICATES:
-    return
-  if name in _PRODUCTS and sum(inp) <= 1:
-    return
-  if name == 'div' and not dep[1]:
-    return
-  if name in _ELEMENTWISE_MAX and (all(dep) or _is_zero(eqn.invars[1 - dep.index(True)], consts)):
-    return
-  if name in ('while', 'scan') or any(_is_jaxpr(v) for v in eqn.params.values()):
-    return  # loops: checked by the pass where it must rewrite them
-  raise ValueError(_message(name, dep, inp))
+  if name == 'while':
+    raise ValueError(
+      'apply_fn runs a lax.while_loop over values computed from the params or the input. '
+      'The path scales are a gradient of the forward pass, and a while_loop cannot be '
+      'differentiated in reverse mode: write the loop with lax.scan (or lax.fori_loop '
+      'with fixed bounds).'
+    )
+  if name in _STRUCTURAL or name in _SAME_VALUE:
+    if name == 'convert_element_type' and joined.act:
+      if not np.issubdtype(np.dtype(eqn.params['new_dtype']), np.floating):
+        refuse('a cast of activations to an integer or bool type (indices for an embedding, a quantisation or a step)')
+    data = [k for k in ops if k.dep]
+    return data[0] if len(data) == 1 else joined
+  if name in _INDEXING:
+    if any(k.inp for k in ops[1:]):
+      refuse('indices read from the input (an embedding lookup)')
+    return _join(ops[:1] + ops[len(ops) - 1 :] if name == 'dynamic_update_slice' else ops[:1])
+  if name in _SUMS:
+    if any(k.gate for k in ops):
+      refuse('a step function of the activations used as a value ((h > 0) or sign(h) added)')
+    if joined.inp and any(_known_non_finite(k) for k in ops):
+      refuse('an infinite constant among the activations (a -inf mask before a max)')
+    return joined
+  if name in _COMPARISONS or name == 'sign':
+    tested = [k for k in ops if k.dep]
+    others = [k for k in ops if not k.dep]
+    if name != 'sign' and joined.inp and not all(_known(k, _zero) for k in others):
+      refuse('a comparison of activations with a constant other than 0 (a threshold or clip)')
+    source = tested[0].ident if len(tested) == 1 and tested[0].act else None
+    return _Kind(dep=True, inp=joined.inp, gate=True, source=source)
+  if name in _LOGICAL:
+    sources = {k.source for k in ops if k.gate}
+    return _Kind(dep=True, inp=joined.inp, gate=True, source=sources.pop() if len(sources) == 1 else None)
+  if name == 'select_n':
+    predicate, cases = ops[0], ops[1:]
+    if any(k.gate for k in cases) or not all(k.dep or _known(k, _zero) for k in cases):
+      refuse('a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)')
+    if predicate.inp and predicate.source not in {k.ident for k in cases if k.act}:
+      refuse(
+        'a choice between activations made by testing another value (a hard gate, or a '
+        'threshold such as h - 1 > 0): ReLU and leaky ReLU test the value they pass on'
+      )
+    return _join(cases)
+  if name in _MAXIMA:
+    if joined.gate:
+      refuse('a max of a step function')
+    return joined
+  if name in ('reduce_window', 'reduce'):
+    return _reduction(eqn, name, ops)
+  if name == 'mul':
+    if sum(k.act for k in ops) > 1:
+      refuse('a product of two activations (attention, gating, x * x)')
+    acts, gates = [k for k in ops if k.act], [k for k in ops if k.gate and k.inp]
+    if acts and gates and gates[0].source is not acts[0].ident:
+      refuse('an activation multiplied by a step function of another value (a hard gate)')
+    if acts:
+      return _Kind(dep=True, inp=True)  # an activation, masked or scaled
+    if gates:
+      return dataclasses.replace(joined, source=gates[0].source)
+    return joined
+  if name in _PRODUCTS:
+    if sum(k.inp for k in ops) > 1:
+      refuse('a product of two activations (attention, gating, x * x)')
+    if joined.gate:
+      refuse('a step function of the activations used as a value')
+    return joined
+  if name == 'div':
+    if ops[1].dep:
+      refuse(
+        'a division by an activation or a parameter (a normalisation layer: LayerNorm, '
+        'BatchNorm in training mode, RMSNorm, GroupNorm; or weight normalisation)'
+      )
+    return joined
+  if name in _ELEMENTWISE_MAX:
+    if joined.gate:
+      refuse('a max of a step function')
+    if all(k.dep for k in ops) or all(_known(k, _zero_or_infinite) for k in ops if not k.dep):
+      return joined
+    refuse('a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
+  if name in _POWERS:
+    refuse(
+      'a power of activations (the variance of LayerNorm, BatchNorm in training mode, '
+      "RMSNorm or GroupNorm; the x**3 of GELU's tanh form)"
+    )
+  if name in _ROOTS:
+    refuse('a root (a normalisation layer, or weight normalisation)')
+  refuse('a nonlinearity that is not positively homogeneous (GELU, tanh, sigmoid, swish, softmax, ...)')
+  raise AssertionError  # unreachable: refuse raises
+
+
+def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
+  body = eqn.params.get('jaxpr') or eqn.params.get('computation')
+  jaxpr = body.jaxpr if hasattr(body, 'jaxpr') else body
+  inner = [e.primitive.name for e in getattr(jaxpr, 'eqns', [])]
+  if len(inner) != 1 or inner[0] not in ('add', 'max', 'min'):
+    _refuse(name, f'a reduction whose computation is {" and ".join(inner) or "unknown"}, not a sum or a max')
+  if any(k.gate for k in ops):
+    _refuse(name, 'a reduction of a step function')
+  return _join(ops[: len(ops) // 2])
+
+
+def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
+  """A scan's body, checked until the kinds of its carry stop growing."""
+  body = eqn.params['jaxpr']
+  n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+  kinds = list(ops)
+  for _ in range(4):
+    outs = _check(body.jaxpr, [_Kind(value=c) for c in body.consts], kinds)
+    carry = [a.join(b) for a, b in zip(kinds[n_consts : n_consts + n_carry], outs[:n_carry])]
+    if carry == [_Kind(k.dep, k.inp, k.gate) for k in kinds[n_consts : n_consts + n_carry]]:
+      return outs
+    kinds[n_consts : n_consts + n_carry] = carry
+  return outs
+
+
+def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
+  """The outputs of an equation on constants, where they can be computed here."""
+  n_out = len(eqn.outvars)
+  values = [k.value for k in ops]
+  small = all(v is not None and np.size(v) <= _FOLD_LIMIT for v in values)
+  small = small and not any(jax.dtypes.issubdtype(getattr(v, 'dtype', None), jax.dtypes.prng_key) for v in values if hasattr(v, 'dtype'))
+  if not small or any(_is_jaxpr(v) for v in eqn.params.values()):
+    return [None] * n_out
+  try:
+    out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+  except Exception:  # pylint: disable=broad-except
+    return [None] * n_out
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _join(kinds: Sequence[_Kind]) -> _Kind:
+  out = _CONST
+  for k in kinds:
+    out = out.join(k)
+  return out
+
+
+def _known(kind: _Kind, test) -> bool:
+  if kind.value is None:
+    return False
+  try:
+    return bool(test(np.asarray(kind.value)))
+  except TypeError:  # a PRNG key
+    return False
+
+
+def _zero(value: np.ndarray) -> bool:
+  return np.all(value == 0)
+
+
+def _zero_or_infinite(value: np.ndarray) -> bool:
+  return np.all((value == 0) | np.isinf(value))
+
+
+def _known_non_finite(kind: _Kind) -> bool:
+  return not kind.dep and _known(kind, lambda v: not np.all(np.isfinite(v)))
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -144,46 +339,13 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _is_jaxpr(value: Any) -> bool:
+  if isinstance(value, (tuple, list)):
+    return any(_is_jaxpr(v) for v in value)
   return isinstance(value, (jex_core.Jaxpr, jex_core.ClosedJaxpr))
 
 
-def _is_zero(atom: Any, consts) -> bool:
-  """Whether ``atom`` is known to be 0 or infinite (a literal or a closed-over
-  constant): a max with it is ReLU or the identity. A constant computed inside the
-  trace is not known and passes."""
-  if isinstance(atom, jex_core.Literal):
-    value = np.asarray(atom.val)
-  elif atom in consts:
-    value = np.asarray(consts[atom])
-  else:
-    return True
-  return bool(np.all((value == 0) | np.isinf(value)))
-
-
-def _message(name: str, dep: list[bool], inp: list[bool]) -> str:
-  del inp
-  if name in _PRODUCTS:
-    what = 'a product of two activations (attention, gating, x * x)'
-  elif name == 'div' and dep[1]:
-    what = (
-      'a division by an activation or a parameter (a normalisation layer: LayerNorm, '
-      'BatchNorm in training mode, RMSNorm, GroupNorm; or weight normalisation)'
-    )
-  elif name in _ELEMENTWISE_MAX:
-    what = 'a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)'
-  elif name in _POWERS:
-    what = (
-      'a power of activations (the variance of LayerNorm, BatchNorm in training mode, '
-      "RMSNorm or GroupNorm; the x**3 of GELU's tanh form)"
-    )
-  elif name in _ROOTS:
-    what = 'a root (a normalisation layer, or weight normalisation)'
-  else:
-    what = (
-      'a nonlinearity that is not positively homogeneous (GELU, tanh, sigmoid, swish, '
-      'softmax, ...)'
-    )
-  return (
+def _refuse(name: str, what: str) -> None:
+  raise ValueError(
     f'apply_fn applies {name} to values computed from the params or the input: {what}. '
     'Path-SGD is defined for ReLU networks (linear maps, ReLU or leaky ReLU, max and '
     'average pooling): only there does rescaling a unit leave the function unchanged '
