@@ -43,7 +43,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+  return sorted([*__all__, '__version__'])
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs read

@@ -358,7 +358,7 @@ def test_ctrl_c_inside_a_gc_callback_is_delivered_again(hook, expected):
 
 def test_import_optax_path_does_not_start_jax():
   code = 'import sys, optax_path; print("jax" in sys.modules, sorted(optax_path.__all__) == '
-  code += 'sorted(n for n in dir(optax_path) if not n.startswith("_") and n != "TYPE_CHECKING"))'
+  code += 'sorted(n for n in dir(optax_path) if not n.startswith("_")))'
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
   assert proc.stdout.split() == ['False', 'True'], proc.stderr
   for name in optax_path.__all__:
@@ -407,3 +407,14 @@ def test_every_readme_command_line_is_accepted_by_the_parser():
     args = parser.parse_args(argv)
     if args.command == 'reproduce':
       cli.make_config(args, parser)
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, capsys):
+  """Before, --data-dir /nonexistent fell back to the system copy of Fashion-MNIST (or
+  created /nonexistent/mnist) without a word."""
+  missing = tmp_path / 'nowhere'
+  with pytest.raises(SystemExit) as raised:
+    cli.main(['reproduce', '--dataset', 'fashion_mnist', '--data-dir', str(missing), *TINY])
+  assert raised.value.code == 2
+  assert f'--data-dir {missing} is not a directory' in capsys.readouterr().err
+  assert not missing.exists()

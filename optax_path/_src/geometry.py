@@ -84,6 +84,15 @@ def path_geometry(
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep
     Neural Networks <https://arxiv.org/abs/1506.02617>`_, NeurIPS 2015, Section 4.
   """
+  return _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config=None)
+
+
+def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_split=False):
+  """``path_geometry``. Called eagerly, its update runs as one compiled computation
+  (shared by equal ``eager_config``s); with ``eager_split``, its two divisions run
+  compiled and ``inner`` as it runs alone, for an ``inner`` rebuilt with new arrays on
+  every update (``optax.inject_hyperparams(path_adam)``), which would otherwise
+  compile every update."""
   p = numerics.validate_p(p)
   scales_lib.check_mode(layers, apply_fn, input_shape)
   layers = layers_lib.normalize_layer_specs(layers)
@@ -105,11 +114,11 @@ def path_geometry(
     sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
     return transform.divide_by_split_scales(updates, sqrt_scales), sqrt_scales, scales
 
-  # Eagerly, the two divisions run compiled and inner as it runs alone; rebuilt with
-  # equal settings (optax.inject_hyperparams does so on every update), they compile once.
-  config = ('path_geometry', p, layers) if apply_fn is None and isinstance(p, float) else None
-  whiten = transform.compiled_when_eager(whiten, config)
-  map_back = transform.compiled_when_eager(transform.divide_by_split_scales, 'map_back')
+  map_back = transform.divide_by_split_scales
+  if eager_split:
+    config = ('path_geometry', p, layers) if apply_fn is None and isinstance(p, float) else None
+    whiten = transform.compiled_when_eager(whiten, config)
+    map_back = transform.compiled_when_eager(map_back, 'map_back')
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -122,7 +131,11 @@ def path_geometry(
     step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
     return map_back(step, sqrt_scales), PathGeometryState(inner_state, scales)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  if eager_split:
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, transform.compiled_when_eager(update_fn, eager_config)
+  )
 
 
 INNER_READS_PARAMS_MSG = (
@@ -186,10 +199,9 @@ def path_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015; Neyshabur et al., NeurIPS 2015.
   """
-  return path_geometry(
-    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-    p,
-    layers=layers,
-    apply_fn=apply_fn,
-    input_shape=input_shape,
-  )
+  inner = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  settings = (p, learning_rate, b1, b2, eps)
+  if not all(isinstance(v, (int, float)) for v in settings):  # a schedule, or injected
+    return _path_geometry(inner, p, layers, apply_fn, input_shape, None, eager_split=True)
+  config = None if apply_fn else ('path_adam', *settings, layers_lib.normalize_layer_specs(layers))
+  return _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config=config)

@@ -481,6 +481,11 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
   parser = command_parser(parser, 'reproduce')
   if args.resume and args.overwrite:
     parser.error('--resume keeps the run in --out and --overwrite replaces it: choose one')
+  if args.data_dir is not None and not os.path.isdir(os.path.expanduser(args.data_dir)):
+    parser.error(
+      f'--data-dir {args.data_dir} is not a directory: create it (downloads are saved there) '
+      'or leave the option out to use the default'
+    )
   if args.paper and args.model != 'mlp':
     parser.error("--paper is the paper's MLP configuration; it does not apply to --model cnn")
   hidden = _pick(args, 'hidden')
