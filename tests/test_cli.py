@@ -117,6 +117,7 @@ def offline(url, dest, md5):
 
 def test_missing_data_set_is_one_message_naming_the_flag(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(data, '_download', offline)
+  (tmp_path / 'data').mkdir()
   argv = ['reproduce', '--dataset', 'mnist', '--data-dir', str(tmp_path / 'data')]
   argv += ['--out', str(tmp_path / 'out')]
   assert cli.main(argv) == 2

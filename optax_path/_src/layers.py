@@ -122,7 +122,9 @@ def _describe(path: KeyPath, leaf: Any) -> str:
 _ORDER_ADVICE = (
   'Pass the order with layers=, from input to output, or read it from the model\'s own '
   'forward pass: layers = optax_path.layer_order(params, apply_fn=lambda q, x: '
-  "model.apply({'params': q}, x), input_shape=(n_in,)), then "
+  "model.apply({'params': q}, x), input_shape=(n_in,)) for Flax Linen, or with "
+  'graphdef, params = nnx.split(model, nnx.Param) and apply_fn=lambda q, x: '
+  'nnx.merge(graphdef, q)(x) for Flax NNX; then '
   'optax_path.path_sgd(lr, layers=layers) (or path_normalize(p, layers=layers)).'
 )
 

@@ -659,8 +659,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = ''
     if args.command == 'reproduce':
       out = args.out or default_out(args.dataset, args.dropout)
-      if os.path.exists(os.path.join(out, rundir.MARKER)):
+      if os.path.exists(os.path.join(out, 'metrics.csv')) and os.path.exists(
+        os.path.join(out, rundir.MARKER)
+      ):
         where = f'; the runs finished so far are in {out} (go on with --resume)'
+      elif os.path.exists(os.path.join(out, rundir.MARKER)):
+        where = f'; no run had finished, {out} is marked incomplete (start again with --resume)'
     print(f'\n{prog}: interrupted{where}', file=sys.stderr)
     if argv is None:  # the command line: end now, without the interpreter's teardown
       sys.stdout.flush()
