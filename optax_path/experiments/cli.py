@@ -78,6 +78,13 @@ USER_ERROR = 2
 INTERRUPTED = 130
 
 
+def _number(text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+
+
 def step_size(text: str) -> float:
   """A step size: a finite number > 0.
 
@@ -85,10 +92,7 @@ def step_size(text: str) -> float:
     >>> step_size('1e-2')
     0.01
   """
-  try:
-    lr = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  lr = _number(text)
   if not (math.isfinite(lr) and lr > 0):
     raise argparse.ArgumentTypeError(f'a step size must be a finite number > 0, got {text!r}')
   return lr
@@ -101,10 +105,7 @@ def alpha_value(text: str) -> float:
     >>> alpha_value('2.5')
     2.5
   """
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+  value = _number(text)
   try:
     lr = 10.0 ** (-value) if math.isfinite(value) else math.nan
   except OverflowError:
