@@ -92,6 +92,7 @@ def test_bad_numbers_and_options_are_refused_with_the_subcommand_usage(argv, mes
   assert exc.value.code == 2
   err = error_of(capsys)
   assert err.startswith('usage: optax-path reproduce ')  # the subcommand's, not the top level's
+  assert len(err.splitlines()) == 2  # one line of usage (it was 16), one of error
   assert err.splitlines()[-1] == f'optax-path reproduce: error: {err.splitlines()[-1][29:]}'
   assert message in err.splitlines()[-1]
 

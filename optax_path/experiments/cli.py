@@ -400,9 +400,19 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
   )
 
 
+class _Parser(argparse.ArgumentParser):
+  """An option error: a one-line usage and the message (the options are many; --help lists them)."""
+
+  def error(self, message: str):
+    usage = self.format_usage()
+    if usage.count('\n') > 2:
+      usage = f'usage: {self.prog} [options] (all: {self.prog} --help)\n'
+    self.exit(USER_ERROR, f'{usage}{self.prog}: error: {message}\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command-line parser."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog='optax-path',
     description='Experiments of Path-SGD (Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015).',
   )
