@@ -47,9 +47,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs read
-  from optax_path._src.geometry import PathGeometryState, path_adam, path_geometry
-  from optax_path._src.layer_order import layer_order
-  from optax_path._src.rescaling import rebalance, rescale, unbalance
-  from optax_path._src.scale_state import PathNormalizeState
-  from optax_path._src.scales import log_path_norm, path_norm, path_scales
-  from optax_path._src.transform import path_adagrad, path_normalize, path_sgd
+  from optax_path._src.geometry import PathGeometryState as PathGeometryState
+  from optax_path._src.geometry import path_adam as path_adam
+  from optax_path._src.geometry import path_geometry as path_geometry
+  from optax_path._src.layer_order import layer_order as layer_order
+  from optax_path._src.rescaling import rebalance as rebalance
+  from optax_path._src.rescaling import rescale as rescale
+  from optax_path._src.rescaling import unbalance as unbalance
+  from optax_path._src.scale_state import PathNormalizeState as PathNormalizeState
+  from optax_path._src.scales import log_path_norm as log_path_norm
+  from optax_path._src.scales import path_norm as path_norm
+  from optax_path._src.scales import path_scales as path_scales
+  from optax_path._src.transform import path_adagrad as path_adagrad
+  from optax_path._src.transform import path_normalize as path_normalize
+  from optax_path._src.transform import path_sgd as path_sgd

@@ -18,8 +18,7 @@ import pytest
 from test_experiments import small_digits, synthetic_rows
 
 import optax_path
-from optax_path.experiments import cli
-from optax_path.experiments import bench, data, pipeline, report, rundir
+from optax_path.experiments import bench, cli, data, pipeline, report, rundir
 
 
 @pytest.mark.parametrize(
@@ -294,7 +293,7 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
       time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
   finally:
     proc.kill()
   assert proc.returncode == 130, stderr
@@ -353,7 +352,8 @@ def test_ctrl_c_inside_a_gc_callback_is_delivered_again(hook, expected):
   """Python swallows a KeyboardInterrupt raised in a gc callback; the command line's hook
   delivers it again (without it, the process runs on)."""
   proc = subprocess.run(
-    [sys.executable, '-c', SWALLOWED_INTERRUPT, hook], capture_output=True, text=True, timeout=60
+    [sys.executable, '-c', SWALLOWED_INTERRUPT, hook],
+    check=False, capture_output=True, text=True, timeout=60,
   )
   assert proc.stdout.strip() == expected, proc.stderr
 
@@ -361,12 +361,14 @@ def test_ctrl_c_inside_a_gc_callback_is_delivered_again(hook, expected):
 def test_import_optax_path_does_not_start_jax():
   code = 'import sys, optax_path; print("jax" in sys.modules, sorted(optax_path.__all__) == '
   code += 'sorted(n for n in dir(optax_path) if not n.startswith("_")))'
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    [sys.executable, '-c', code], check=False, capture_output=True, text=True, timeout=60
+  )
   assert proc.stdout.split() == ['False', 'True'], proc.stderr
   for name in optax_path.__all__:
     assert getattr(optax_path, name).__name__ == name
   with pytest.raises(AttributeError, match="no attribute 'path_sgdd'"):
-    optax_path.path_sgdd  # pylint: disable=pointless-statement
+    _ = optax_path.path_sgdd
 
 def test_readme_documents_every_bench_config_and_the_rounds():
   readme = ' '.join((pathlib.Path(__file__).parents[1] / 'README.md').read_text().split())

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import sklearn.datasets
 
-from optax_path.experiments import cli
-from optax_path.experiments import data, report, selection, training
+from optax_path.experiments import cli, data, report, selection, training
 from optax_path.experiments.models import MLP, init_params
 
 NAN = math.nan

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import random_mlp
 
 import optax_path
-from conftest import random_mlp
 
 DRAWS = 4000
 

@@ -114,8 +114,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_path._src import layers as layers_lib
-from optax_path._src import numerics
-from optax_path._src import positive_pass, scope
+from optax_path._src import numerics, positive_pass, scope
 
 ApplyFn = Callable[[Any, jax.Array], Any]
 

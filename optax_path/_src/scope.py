@@ -49,6 +49,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex_core
+import jax.numpy as jnp
 import numpy as np
 
 from optax_path._src import positive_pass
@@ -95,7 +96,7 @@ class _Kind:
   def act(self) -> bool:
     return self.inp and not self.gate
 
-  def join(self, other: '_Kind') -> '_Kind':
+  def join(self, other: _Kind) -> _Kind:
     return _Kind(self.dep or other.dep, self.inp or other.inp, self.gate or other.gate)
 
 
@@ -171,7 +172,9 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
 
 def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   joined = _join(ops)
-  refuse = lambda what: _refuse(name, what)  # noqa: E731
+
+  def refuse(what: str) -> None:
+    _refuse(name, what)
   if name in positive_pass.SELECTS_BY_VALUE:
     raise ValueError(positive_pass.unsupported_message(eqn))
   if name == 'while':
@@ -182,9 +185,12 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       'with fixed bounds).'
     )
   if name in _STRUCTURAL or name in _SAME_VALUE:
-    if name == 'convert_element_type' and joined.act:
-      if not np.issubdtype(np.dtype(eqn.params['new_dtype']), np.floating):
-        refuse('a cast of activations to an integer or bool type (indices for an embedding, a quantisation or a step)')
+    to_floats = name != 'convert_element_type' or jnp.issubdtype(eqn.params['new_dtype'], jnp.floating)
+    if joined.act and not to_floats:
+      refuse(
+        'a cast of activations to an integer or bool type (indices for an embedding, a '
+        'quantisation or a step)'
+      )
     data = [k for k in ops if k.dep]
     return data[0] if len(data) == 1 else joined
   if name in _INDEXING:
@@ -299,7 +305,7 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
     return [None] * n_out
   try:
     out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001  (a primitive that cannot run here: the value is unknown)
     return [None] * n_out
   return list(out) if eqn.primitive.multiple_results else [out]
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_path._src import layers as layers_lib
 from optax_path._src import general, numerics, scale_state
+from optax_path._src import layers as layers_lib
 from optax_path._src import scales as scales_lib
 
 LayerSpecs = Sequence[layers_lib.LayerSpec] | None
