@@ -278,6 +278,12 @@ def test_summary_names_the_fixed_and_the_searched_steps():
   assert line.endswith('Fixed by --lr: sgd 0.1.')
 
 
+
+def ctrl_c_by_default() -> None:
+  """In the child: Ctrl-C as a terminal gives it. A job started with `&` by a script (as CI
+  may be) inherits Ctrl-C ignored, which the command line rightly leaves ignored."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
   """A real SIGINT to ``python -m optax_path.experiments`` during training."""
@@ -285,7 +291,10 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
   argv = [sys.executable, '-m', 'optax_path.experiments', 'reproduce', '--hidden', '8']
   argv += ['--epochs', '1000', '--methods', 'sgd', '--lr', 'sgd=0.01', '--quiet', '--out', str(out)]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+  proc = subprocess.Popen(
+    argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    preexec_fn=ctrl_c_by_default,
+  )
   try:
     deadline = time.monotonic() + 120
     while not (out / rundir.MARKER).exists() and proc.poll() is None:
@@ -313,7 +322,10 @@ def test_ctrl_c_during_start_up_ends_with_one_line_and_status_130(tmp_path, dela
   argv = [sys.executable, '-m', 'optax_path.experiments', 'reproduce', '--quiet']
   argv += ['--out', str(tmp_path / 'run')]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+  proc = subprocess.Popen(
+    argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    preexec_fn=ctrl_c_by_default,
+  )
   try:
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
@@ -353,7 +365,7 @@ def test_ctrl_c_inside_a_gc_callback_is_delivered_again(hook, expected):
   delivers it again (without it, the process runs on)."""
   proc = subprocess.run(
     [sys.executable, '-c', SWALLOWED_INTERRUPT, hook],
-    check=False, capture_output=True, text=True, timeout=60,
+    check=False, capture_output=True, text=True, timeout=60, preexec_fn=ctrl_c_by_default,
   )
   assert proc.stdout.strip() == expected, proc.stderr
 

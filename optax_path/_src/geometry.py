@@ -200,8 +200,9 @@ def path_adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015; Neyshabur et al., NeurIPS 2015.
   """
   inner = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  layers = layers_lib.normalize_layer_specs(layers)  # once: a generator is read once
   settings = (p, learning_rate, b1, b2, eps)
   if not all(isinstance(v, (int, float)) for v in settings):  # a schedule, or injected
     return _path_geometry(inner, p, layers, apply_fn, input_shape, None, eager_split=True)
-  config = None if apply_fn else ('path_adam', *settings, layers_lib.normalize_layer_specs(layers))
+  config = None if apply_fn else ('path_adam', *settings, layers)
   return _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config=config)

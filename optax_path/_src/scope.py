@@ -200,7 +200,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   if name in _SUMS:
     if any(k.gate for k in ops):
       refuse('a step function of the activations used as a value ((h > 0) or sign(h) added)')
-    if joined.inp and any(_known_non_finite(k) for k in ops):
+    if name != 'pad' and joined.inp and any(_known_non_finite(k) for k in ops):  # pad: no unit
       refuse('an infinite constant among the activations (a -inf mask before a max)')
     return joined
   if name in _COMPARISONS or name == 'sign':

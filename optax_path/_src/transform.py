@@ -294,6 +294,7 @@ def path_sgd(
   References:
     Neyshabur, Salakhutdinov & Srebro, NeurIPS 2015, Algorithm 1.
   """
+  layers = layers_lib.normalize_layer_specs(layers)  # once: a generator is read once
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
   tx = optax.chain(
     path_normalize(p, refresh_every=refresh_every, **mode),
@@ -302,7 +303,7 @@ def path_sgd(
   settings = (p, learning_rate, momentum, nesterov, refresh_every)
   if apply_fn is not None or not all(isinstance(v, (int, float, type(None))) for v in settings):
     return tx  # a schedule, or an injected array: path_normalize alone runs compiled
-  config = ('path_sgd', *settings, layers_lib.normalize_layer_specs(layers))
+  config = ('path_sgd', *settings, layers)
   return optax.GradientTransformationExtraArgs(tx.init, compiled_when_eager(tx.update, config))
 
 
