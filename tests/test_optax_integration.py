@@ -257,6 +257,7 @@ def test_eager_injected_hyperparams_compile_once(factory):
       np.testing.assert_allclose(slow, fast / 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_eager_path_sgd_equals_jitted_and_distinct_settings_are_not_confused():
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   for kwargs in ({}, {'momentum': 0.9}, {'nesterov': True, 'momentum': 0.5}, {'p': 1.0}):

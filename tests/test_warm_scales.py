@@ -102,6 +102,7 @@ def test_a_warm_start_it_cannot_vouch_for_gives_the_exact_passes(hint):
   assert_logs_close(got[0] + got[1], float64_log_gammas(params), ulps=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('revived', [False, True])
 def test_dead_units_keep_the_warm_passes_and_get_zero_updates(x64, revived):
   """A unit with gamma_in = 0 (all incoming weights and bias 0) and one with
