@@ -202,7 +202,7 @@ def path_adam(
   inner = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   layers = layers_lib.normalize_layer_specs(layers)  # once: a generator is read once
   settings = (p, learning_rate, b1, b2, eps)
-  if not all(isinstance(v, (int, float)) for v in settings):  # a schedule, or injected
+  if not transform.plain_settings(settings):  # a schedule, or injected
     return _path_geometry(inner, p, layers, apply_fn, input_shape, None, eager_split=True)
   config = None if apply_fn else ('path_adam', *settings, layers)
   return _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config=config)

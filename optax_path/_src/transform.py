@@ -301,10 +301,16 @@ def path_sgd(
     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
   settings = (p, learning_rate, momentum, nesterov, refresh_every)
-  if apply_fn is not None or not all(isinstance(v, (int, float, type(None))) for v in settings):
+  if apply_fn is not None or not plain_settings(settings):
     return tx  # a schedule, or an injected array: path_normalize alone runs compiled
   config = ('path_sgd', *settings, layers)
   return optax.GradientTransformationExtraArgs(tx.init, compiled_when_eager(tx.update, config))
+
+
+def plain_settings(settings: Sequence[Any]) -> bool:
+  """Whether every setting is a Python number (or None), so that it can key a compiled
+  update: not a schedule, nor an array injected by ``optax.inject_hyperparams``."""
+  return all(isinstance(v, (int, float, type(None))) for v in settings)
 
 
 def path_adagrad(
