@@ -158,7 +158,8 @@ def path_normalize(
   Speed: the state keeps the scales per unit (``PathNormalizeState``, a few vectors).
   Each update warm-starts from them: one fused read of each kernel per pass, checked,
   with the exact log-domain passes as the fallback in one ``lax.cond``, so the result
-  never depends on the state (see the README's performance section). With
+  never depends on the state (see the README's performance section). ``init`` computes
+  no scale (it compiles nothing); the first update takes the exact passes. With
   ``refresh_every=k`` the scales are recomputed on every k-th update only and reused
   in between; stale scales keep the rescaling invariance (each update divides by the
   scales of an equivalent network).
