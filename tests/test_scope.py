@@ -79,6 +79,7 @@ def test_a_network_outside_path_sgd_is_refused_with_the_primitive_named(middle):
   pattern = f'applies {OUT_OF_SCOPE[middle]} to values computed from the params or the input'
   for call in (
     lambda: optax_path.path_normalize(**mode).init(params),
+    lambda: optax_path.path_adam(1e-3, **mode).init(params),  # path_geometry: at init too
     lambda: optax_path.path_norm(params, **mode),
     lambda: optax_path.path_scales(params, **mode),
   ):

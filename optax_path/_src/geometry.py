@@ -7,7 +7,7 @@ from typing import NamedTuple
 import optax
 
 from optax_path._src import layers as layers_lib
-from optax_path._src import numerics, scale_state, transform
+from optax_path._src import general, numerics, scale_state, transform
 from optax_path._src import scales as scales_lib
 from optax_path._src.transform import LayerSpecs
 
@@ -100,8 +100,10 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
   mode = {'layers': layers, 'apply_fn': apply_fn, 'input_shape': input_shape}
 
   def init_fn(params):
-    scales = optax.EmptyState() if apply_fn else scale_state.init_state(params, p, layers)
-    return PathGeometryState(inner.init(params), scales)
+    if apply_fn is None:
+      return PathGeometryState(inner.init(params), scale_state.init_state(params, layers))
+    general.check_network(params, apply_fn, input_shape)  # out of scope: refused at init
+    return PathGeometryState(inner.init(params), optax.EmptyState())
 
   def log_scale_leaves(params, scales):
     if apply_fn is not None:

@@ -54,22 +54,21 @@ def check_refresh_every(refresh_every: Any, apply_fn) -> int | jax.Array:
   return value
 
 
-def init_state(params: Any, p, layers) -> PathNormalizeState:
+def init_state(params: Any, layers) -> PathNormalizeState:
   """The state for ``params``: their layers' widths, with every scale not yet known.
 
   ``init`` computes no scale: the first update has no warm start to trust and takes the
-  exact passes anyway, inside its own compiled step. Computing them here as well cost a
-  second compilation of the exact passes before the first step (2.3 s of the 7.4 s to
-  the first step of the deep benchmark net, 1.1 s of 3.9 s for a 784-64-64-10 MLP).
-  ``+inf`` marks a scale not yet known: no finite params give it (``surface_invalid``).
-  ``p`` is unused, kept for the call sites' symmetry with ``refresh``.
+  exact passes anyway, inside its own compiled step. Computing them here as well compiled
+  the exact passes a second time before the first step (1.8 s of the 6.6 s to the first
+  step of the deep benchmark net, 0.9 s of 3.4 s for a 784-64-64-10 MLP; see
+  ``results/bench/compile``). ``+inf`` marks a scale not yet known: no finite params give
+  it (``surface_invalid``).
   """
-  del p
   kernels, _ = scales_lib.layer_arrays(params, layers)  # finds the layers: errors at init
   dtype = numerics.compute_dtype(jnp.result_type(*kernels))
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]
   unknown = lambda: tuple(jnp.full((n,), jnp.inf, dtype) for n in widths)
-  return PathNormalizeState(jnp.zeros([], jnp.int32), unknown(), unknown())
+  return PathNormalizeState(jnp.zeros([], jnp.int32), unknown(), unknown())  # no aliasing: donatable
 
 
 def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):

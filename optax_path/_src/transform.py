@@ -225,7 +225,7 @@ def path_normalize(
     return _general_path_normalize(p, apply_fn, input_shape)
 
   def init_fn(params):
-    return scale_state.init_state(params, p, layers)
+    return scale_state.init_state(params, layers)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
