@@ -23,11 +23,11 @@ class PathNormalizeState(NamedTuple):
 
   Attributes:
     refresh_count: updates so far (int32), which time the refreshes of
-      ``refresh_every``. Not called ``count``, so that ``optax.tree_utils.tree_get(state,
+      ``refresh_every``; 0: no scale known yet, the update takes the exact passes. Not called ``count``, so that ``optax.tree_utils.tree_get(state,
       'count')`` finds the inner optimizer's step count in a chain.
     log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
-      of its units (Algorithm 1), as of the last refresh; ``+inf`` (not yet known)
-      until the first update.
+      of its units (Algorithm 1), as of the last refresh; zeros, not yet known, while
+      ``refresh_count`` is 0 (after ``init``).
     log_gamma_out: the same for ``log gamma_out``.
   """
 
@@ -55,19 +55,20 @@ def check_refresh_every(refresh_every: Any, apply_fn) -> int | jax.Array:
 
 
 def init_state(params: Any, layers) -> PathNormalizeState:
-  """The state for ``params``: their layers' widths, with every scale not yet known.
+  """The state for ``params``: their layers' widths, with no scale known yet.
 
   ``init`` computes no scale: the first update has no warm start to trust and takes the
   exact passes anyway, inside its own compiled step. Computing them here as well compiled
   the exact passes a second time before the first step (1.8 s of the 6.6 s to the first
   step of the deep benchmark net, 0.9 s of 3.4 s for a 784-64-64-10 MLP; see
-  ``results/bench/compile``). ``+inf`` marks a scale not yet known: no finite params give
-  it (``surface_invalid``).
+  ``results/bench/compile``). ``refresh_count == 0`` says that no scale is known (the
+  ``log gamma`` vectors hold zeros, finite, so that ``jax_debug_infs``, ``checkify`` and
+  gradients through the first update see no inf or NaN).
   """
   kernels, _ = scales_lib.layer_arrays(params, layers)  # finds the layers: errors at init
   dtype = numerics.compute_dtype(jnp.result_type(*kernels))
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]
-  unknown = lambda: tuple(jnp.full((n,), jnp.inf, dtype) for n in widths)
+  unknown = lambda: tuple(jnp.zeros((n,), dtype) for n in widths)
   return PathNormalizeState(jnp.zeros([], jnp.int32), unknown(), unknown())  # no aliasing: donatable
 
 
@@ -80,8 +81,9 @@ def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
   kernels, biases = scales_lib.layer_arrays(params, layers)
 
   def refreshed():
+    known = state.refresh_count > 0
     log_in, log_out = _refreshed_log_gammas(
-      kernels, biases, state.log_gamma_in, state.log_gamma_out, p=p
+      kernels, biases, state.log_gamma_in, state.log_gamma_out, known, p=p
     )
     return tuple(log_in), tuple(log_out)
 

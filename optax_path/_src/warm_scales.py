@@ -135,13 +135,25 @@ def warm_log_gammas(
   p: float,
   hint_in: Sequence[jax.Array],
   hint_out: Sequence[jax.Array],
+  known: jax.Array | bool = True,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
   """``log gamma_in`` and ``log gamma_out`` of every layer's units (see ``scales``).
 
   ``hint_in`` and ``hint_out`` are the same lists for nearby weights; the result is
-  exact (as ``scales.log_gammas``) however far they are.
+  exact (as ``scales.log_gammas``) however far they are. Where ``known`` is false (no
+  hint yet: the first update), the warm-started passes do not run at all, so that
+  nothing computed from meaningless hints (an overflow, a NaN, its derivative) reaches
+  ``checkify``, NaN checks or a gradient through the update.
   """
-  log_in, log_out, accurate = warm_passes(kernels, biases, p, hint_in, hint_out)
+
+  def unknown():
+    dtype = kernels[0].dtype
+    return [h.astype(dtype) for h in hint_in], [h.astype(dtype) for h in hint_out], False
+
+  def warm():
+    return warm_passes(kernels, biases, p, hint_in, hint_out)
+
+  log_in, log_out, accurate = jax.lax.cond(known, warm, unknown)
   return jax.lax.cond(
     accurate, lambda: (log_in, log_out), lambda: scales_lib.log_gammas(kernels, biases, p)
   )
@@ -157,10 +169,11 @@ def _check_hints(kernels, hint_in, hint_out) -> None:
     )
 
 
-def refreshed_log_gammas(kernels, biases, hint_in, hint_out, p):
-  """``(log gamma_in, log gamma_out)`` of the layers, warm-started where it applies."""
+def refreshed_log_gammas(kernels, biases, hint_in, hint_out, known, p):
+  """``(log gamma_in, log gamma_out)`` of the layers, warm-started where it applies
+  (``known``: whether the hints are the scales of an earlier update)."""
   kernels, biases = scales_lib.in_compute_dtype(kernels, biases)
   _check_hints(kernels, hint_in, hint_out)
   if not supports(p):
     return scales_lib.log_gammas(kernels, biases, p)
-  return warm_log_gammas(kernels, biases, p, hint_in, hint_out)
+  return warm_log_gammas(kernels, biases, p, hint_in, hint_out, known)
