@@ -266,7 +266,8 @@ def build_runs(
     compiled, seconds[name] = compile_timed(make_step(model, tx), own, opt_state, *batch)
     runs[name] = Trainer(compiled, own, opt_state, batch)
   normalize = optax_path.path_normalize(2.0)
-  state = normalize.init(params)
+  # After one update, as in training: init's state knows no scale (the exact passes).
+  _, state = normalize.update(params, normalize.init(params), params)
   scales, seconds[SCALES] = compile_timed(jax.jit(normalize.update), params, state, params)
   runs[SCALES] = lambda: jax.block_until_ready(scales(params, state, params))
   return runs, seconds
