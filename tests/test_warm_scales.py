@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import checkify
 from conftest import random_mlp
+from jax.experimental import checkify
 
 import optax_path
 from optax_path._src import scales, warm_scales
@@ -216,7 +216,9 @@ def test_init_computes_no_scale(dtype):
   updates, state = tx.update(params, state, params)
   expected = jax.tree.map(lambda w, s: w / s, params, optax_path.path_scales(params))
   for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.float32(u), np.float32(e), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+    np.testing.assert_allclose(
+      np.float32(u), np.float32(e), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6
+    )
   expected = float64_log_gammas(jax.tree.map(lambda w: w.astype(jnp.float32), params))
   assert_logs_close(list(state.log_gamma_in) + list(state.log_gamma_out), expected, ulps=4)
 
@@ -225,7 +227,9 @@ def test_the_first_update_computes_no_inf_or_nan():
   """Found by trying it: an init state of +inf hints (an earlier version) gave inf - inf
   inside the skipped warm passes, so checkify flagged every first update, jax_debug_infs
   failed at init, and the gradient through the first update was NaN."""
-  params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(7), [2, 3, 1], dtype=np.float32))
+  params = jax.tree.map(
+    jnp.asarray, random_mlp(np.random.default_rng(7), [2, 3, 1], dtype=np.float32)
+  )
   grads = jax.tree.map(jnp.ones_like, params)
   for tx in (optax_path.path_sgd(0.1), optax_path.path_adam(1e-3)):
     state = tx.init(params)

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import optax
 
-from optax_path._src import layers as layers_lib
 from optax_path._src import general, numerics, scale_state, transform
+from optax_path._src import layers as layers_lib
 from optax_path._src import scales as scales_lib
 from optax_path._src.transform import LayerSpecs
 
@@ -142,7 +142,7 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
 
 INNER_READS_PARAMS_MSG = (
   'path_geometry calls inner.update with params=None, by design, and inner needs params. '
-  'An inner that reads the params (optax.adamw\'s and add_decayed_weights\' weight decay, '
+  "An inner that reads the params (optax.adamw's and add_decayed_weights' weight decay, "
   'lookahead, ...) acts on the raw weights and breaks the rescaling invariance that '
   'path_geometry exists for. Use an inner that does not read params (optax.adam rather '
   'than optax.adamw) and regularise with lam * optax_path.path_norm(params) ** p in the '

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_path._src import numerics
+from optax_path._src import numerics, warm_scales
 from optax_path._src import scales as scales_lib
-from optax_path._src import warm_scales
 
 
 class PathNormalizeState(NamedTuple):
@@ -23,8 +22,9 @@ class PathNormalizeState(NamedTuple):
 
   Attributes:
     refresh_count: updates so far (int32), which time the refreshes of
-      ``refresh_every``; 0: no scale known yet, the update takes the exact passes. Not called ``count``, so that ``optax.tree_utils.tree_get(state,
-      'count')`` finds the inner optimizer's step count in a chain.
+      ``refresh_every``; 0: no scale known yet, the update takes the exact passes. Not
+      called ``count``, so that ``optax.tree_utils.tree_get(state, 'count')`` finds the
+      inner optimizer's step count in a chain.
     log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
       of its units (Algorithm 1), as of the last refresh; zeros, not yet known, while
       ``refresh_count`` is 0 (after ``init``).
@@ -69,7 +69,8 @@ def init_state(params: Any, layers) -> PathNormalizeState:
   dtype = numerics.compute_dtype(jnp.result_type(*kernels))
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]
   unknown = lambda: tuple(jnp.zeros((n,), dtype) for n in widths)
-  return PathNormalizeState(jnp.zeros([], jnp.int32), unknown(), unknown())  # no aliasing: donatable
+  # Two sets of vectors, not one shared: a donated state must not alias itself.
+  return PathNormalizeState(jnp.zeros([], jnp.int32), unknown(), unknown())
 
 
 def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):

@@ -61,13 +61,18 @@ def main() -> None:
       for _ in range(2):
         out = subprocess.run(
           [sys.executable, __file__, '--child', config, optimizer],
-          env=env, capture_output=True, text=True, check=True,
+          env=env,
+          capture_output=True,
+          text=True,
+          check=True,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
       best = {k: min(r[k] for r in runs) for k in runs[0]}
       rows.append((config, optimizer, best))
       print(config, optimizer, best, file=sys.stderr, flush=True)
-  print('| config | optimizer | init (s) | first step (s) | init + first step (s) | step compile (s) |')
+  print(
+    '| config | optimizer | init (s) | first step (s) | init + first step (s) | step compile (s) |'
+  )
   print('|---|---|---:|---:|---:|---:|')
   for config, optimizer, t in rows:
     total = t['init'] + t['first_step']
