@@ -159,7 +159,9 @@ def test_an_input_normalisation_enters_as_the_magnitudes_of_its_constants(p):
   mode = {'apply_fn': apply_fn, 'input_shape': (2,)}
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), PARAMS)
-    np.testing.assert_allclose(optax_path.path_norm(params, p, **mode), phi_p ** (1 / p), rtol=1e-12)
+    np.testing.assert_allclose(
+      optax_path.path_norm(params, p, **mode), phi_p ** (1 / p), rtol=1e-12
+    )
     scales = optax_path.path_scales(params, p, **mode)
   np.testing.assert_allclose(scales['w1'], grad_q1 ** (2 / p), rtol=1e-12)
 
@@ -185,8 +187,13 @@ def test_negation_and_subtraction_of_activations_count_their_paths_once():
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(minus))
   # the plain sum equals brute force with w1 and w3 as parallel edges (p = 1: q adds)
   phi_1, _ = brute_force(
-    np.abs(PARAMS['w1']) + np.abs(extra['w3']), PARAMS['b1'], PARAMS['w2'],
-    PARAMS['b2'], 1.0, into_input=np.ones(2), from_bias=np.zeros(2),
+    np.abs(PARAMS['w1']) + np.abs(extra['w3']),
+    PARAMS['b1'],
+    PARAMS['w2'],
+    PARAMS['b2'],
+    1.0,
+    into_input=np.ones(2),
+    from_bias=np.zeros(2),
   )
   np.testing.assert_allclose(
     optax_path.path_norm(params, 1.0, apply_fn=with_minus, **mode), phi_1, rtol=1e-6
@@ -224,11 +231,14 @@ REFUSED = {
   'quantised': (lambda h: h.astype(jnp.int32).astype(h.dtype), 'cast of activations'),
   'gate from another unit': (lambda h: jnp.where(h[:, :1] > 0, h, 0.0), 'another value'),
   'while_loop': (
-    lambda h: jax.lax.while_loop(lambda c: c[0] < 1, lambda c: (c[0] + 1, jnp.tanh(c[1])), (0, h))[1],
+    lambda h: jax.lax.while_loop(lambda c: c[0] < 1, lambda c: (c[0] + 1, jnp.tanh(c[1])), (0, h))[
+      1
+    ],
     'while_loop',
   ),
   'masked max, -1e9': (
-    lambda h: jnp.max(jnp.where(MASK, h, -1e9), -1, keepdims=True) * jnp.ones(3), 'mask such as -1e9'
+    lambda h: jnp.max(jnp.where(MASK, h, -1e9), -1, keepdims=True) * jnp.ones(3),
+    'mask such as -1e9',
   ),
   'masked max, added -inf': (
     lambda h: jnp.max(h + jnp.where(MASK, 0.0, -jnp.inf), -1, keepdims=True) * jnp.ones(3),
@@ -257,7 +267,9 @@ def test_an_embedding_is_refused():
 
   params = Embedded().init(jax.random.key(0), jnp.ones((1, 3)))['params']
   with pytest.raises(ValueError, match='embedding'):
-    optax_path.path_norm(params, apply_fn=lambda q, x: Embedded().apply({'params': q}, x), input_shape=(3,))
+    optax_path.path_norm(
+      params, apply_fn=lambda q, x: Embedded().apply({'params': q}, x), input_shape=(3,)
+    )
 
 
 ACCEPTED = {
@@ -302,5 +314,137 @@ def test_a_relu_rnn_in_lax_scan_with_constants_is_accepted():
   mode = {'input_shape': (4, 2)}
   np.testing.assert_allclose(
     optax_path.path_norm(q, 1.0, apply_fn=rnn, **mode),
-    optax_path.path_norm(q, 1.0, apply_fn=unrolled, **mode), rtol=1e-6,
+    optax_path.path_norm(q, 1.0, apply_fn=unrolled, **mode),
+    rtol=1e-6,
   )
+
+
+# ------------------------- branches chosen by the input or by the parameters' values
+
+
+def test_a_cond_or_switch_chosen_by_the_activations_is_refused():
+  """A hard gate written as control flow: on the pass (every activation >= 0) the sum is
+  >= 0, so the pass took the first branch whatever the network did; before, the scales of
+  w1 were those of that branch (x 4 for p = 2 where the network took 0.5 * h)."""
+  chosen = {
+    'lax.cond': lambda h: jax.lax.cond(jnp.sum(h) < 0, lambda h: h, lambda h: 0.5 * h, h),
+    'lax.switch': lambda h: jax.lax.switch(
+      (jnp.sum(h) > 0).astype(jnp.int32), [lambda h: h, lambda h: 0.5 * h], h
+    ),
+  }
+  for act in chosen.values():
+    with pytest.raises(ValueError, match='branch chosen by testing the activations'):
+      optax_path.path_scales(PARAMS, apply_fn=middle(act), input_shape=(2,))
+
+
+PARAMS_A = {**PARAMS, 'a': jnp.array(-0.5), 'scores': jnp.array([1.0, -1.0, 2.0])}
+
+
+def with_a(act):
+  """``middle`` where ``act(q, h)`` also reads the params (``a`` and ``scores`` used)."""
+  return lambda q, x: (
+    act(q, x @ q['w1'] + q['b1']) @ q['w2'] + q['b2'] + q['a'] * jnp.sum(q['scores'])
+  )
+
+
+OF_PARAMS = {
+  'jnp.where(a > 0, h, 0)': lambda q, h: jnp.where(q['a'] > 0, jax.nn.relu(h), 0.0),
+  'lax.cond(a > 0, ...)': lambda q, h: jax.lax.cond(q['a'] > 0, jax.nn.relu, jnp.zeros_like, h),
+  'a relu(w) kernel (input-convex nets)': lambda q, h: jax.nn.relu(
+    jax.nn.relu(h) @ jax.nn.relu(q['w2']) @ q['w2'].T
+  ),
+  'a clip of the weights': lambda q, h: jax.nn.relu(h * jnp.clip(q['scores'], -1.0, 1.0)),
+  'a learned mask h * (scores > 0)': lambda q, h: jax.nn.relu(h) * (q['scores'] > 0),
+  'leaky relu of the weights': lambda q, h: (
+    jax.nn.relu(h) * jnp.where(q['scores'] > 0, q['scores'], 0.1 * q['scores'])
+  ),
+  'a max of the weights': lambda q, h: jax.nn.relu(h) * jnp.max(q['scores']),
+  'indices from the weights': lambda q, h: jax.nn.relu(h)[:, q['scores'].astype(jnp.int32) % 3],
+}
+
+
+@pytest.mark.parametrize('name', sorted(OF_PARAMS))
+def test_choices_maxima_and_masks_of_the_parameters_are_refused(name):
+  """On the pass every parameter is |theta|^p >= 0: a test of a negative parameter takes
+  the other branch there. Before, ``where(a > 0, h, 0)`` with a = -0.5 (the network's
+  output does not depend on w1) gave w1 the scales of the open gate, and a relu(w)
+  kernel counted its negative entries as |w|^p rather than 0."""
+  for call in (
+    lambda: optax_path.path_scales(PARAMS_A, apply_fn=with_a(OF_PARAMS[name]), input_shape=(2,)),
+    lambda: optax_path.path_normalize(apply_fn=with_a(OF_PARAMS[name]), input_shape=(2,)).init(
+      PARAMS_A
+    ),
+  ):
+    with pytest.raises(ValueError, match='to the values of the parameters') as raised:
+      call()
+    assert 'projection_non_negative' in str(raised.value)
+
+
+def test_sums_and_magnitudes_of_parameters_are_parallel_edges_of_the_same_graph():
+  """Accepted, and right: x @ (w1 + u @ v) is x @ w1 plus the paths through a rank-1
+  bottleneck (float64 brute force over the explicit paths, p = 1 and 2), and a kernel
+  |w1| gives the scales of w1, whose magnitudes |w|^p are what the pass uses."""
+  u, v = np.array([[0.5], [-2.0]]), np.array([[1.5, -0.25, 1.0]])
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), {**PARAMS, 'u': u, 'v': v})
+
+    def low_rank(q, x):
+      return two_layers({**q, 'w1': q['w1'] + q['u'] @ q['v']}, x)
+
+    def magnitude(q, x):
+      return two_layers({**q, 'w1': jnp.abs(q['w1'])}, x)
+
+    for p in (1.0, 2.0):
+      # the bottleneck's paths i -> r -> h weigh |u_ir|^p |v_rh|^p: parallel to |w1_ih|^p
+      q1 = np.abs(PARAMS['w1']) ** p + np.abs(u) ** p @ np.abs(v) ** p
+      phi_p, _ = brute_force(
+        q1 ** (1 / p), PARAMS['b1'], PARAMS['w2'], PARAMS['b2'], p, np.ones(2), np.zeros(2)
+      )
+      np.testing.assert_allclose(
+        optax_path.path_norm(params, p, apply_fn=low_rank, input_shape=(2,)),
+        phi_p ** (1 / p),
+        rtol=1e-12,
+      )
+      plain = {k: params[k] for k in PARAMS}
+      want = optax_path.path_scales(plain, p, apply_fn=two_layers, input_shape=(2,))
+      got = optax_path.path_scales(plain, p, apply_fn=magnitude, input_shape=(2,))
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+class PReLUNet(nn.Module):
+  fixed_slope: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4)(x)
+    h = jax.nn.leaky_relu(h, 0.25) if self.fixed_slope else nn.PReLU(negative_slope_init=0.25)(h)
+    return nn.Dense(2)(h)
+
+
+def test_a_learnable_prelu_slope_is_on_no_path_and_refused_by_name():
+  """The pass always passes h through jnp.where(h >= 0, h, a * h), so the slope's scale
+  was 0 and Path-SGD never trained it (accepted before, as a documented caveat). The path
+  norm, which does not depend on the slope, stays: it equals the MLP mode's (an
+  independent computation on the Dense kernels alone), and a fixed slope is accepted."""
+  variables = PReLUNet().init(jax.random.key(3), jnp.ones((1, 3)))
+  params = variables['params']
+  mode = {'apply_fn': lambda q, x: PReLUNet().apply({'params': q}, x), 'input_shape': (3,)}
+  for call in (
+    lambda: optax_path.path_normalize(**mode).init(params),
+    lambda: optax_path.path_sgd(0.1, **mode).init(params),
+    lambda: optax_path.path_adam(1e-3, **mode).init(params),
+    lambda: optax_path.path_scales(params, **mode),
+  ):
+    with pytest.raises(ValueError, match=r'never takes: PReLU_0/negative_slope \(\)') as raised:
+      call()
+    assert 'leaky_relu' in str(raised.value)
+  dense = {k: v for k, v in params.items() if k.startswith('Dense')}
+  np.testing.assert_allclose(
+    optax_path.path_norm(params, **mode), optax_path.path_norm(dense), rtol=1e-6
+  )
+  fixed = PReLUNet(fixed_slope=True)
+  tx = optax_path.path_normalize(
+    apply_fn=lambda q, x: fixed.apply({'params': q}, x), input_shape=(3,)
+  )
+  tx.init(dense)

@@ -19,15 +19,18 @@ batch-1 forward pass gives every scale at once, for dense and convolutional laye
 zero padding is no unit, so it starts no path), residual additions, concatenations,
 flattening, average and max pooling: the paper's ``(B + 1) T`` cost.
 
-Scope. ReLU networks (also leaky ReLU, PReLU and linear layers: positively homogeneous
+Scope. ReLU networks (also leaky ReLU and linear layers: positively homogeneous
 activations act as the identity on this pass, so the scales are those of the same
 graph) built from dense and convolutional layers with any stride and padding, biases,
 residual additions, average, sum or max pooling, flattening, reshapes. Out of scope,
 and refused with a ``ValueError`` that names the primitive (``scope.check`` reads the
 jaxpr): BatchNorm in training mode, LayerNorm and other normalisations, non-homogeneous
 activations (GELU, tanh, sigmoid, swish), softmax or attention inside the network,
-products of activations, clips such as ``relu6``. Run ``apply_fn`` deterministically
-(no dropout).
+products of activations, clips such as ``relu6``, branches chosen by the input
+(``lax.cond(jnp.sum(h) > 0, ...)``) or by the parameters' values (``jnp.where(a > 0, h,
+0)``, a kernel ``relu(w)``: the pass sees ``|theta|^p``, so it would take another branch),
+and leaves on no path of the pass (PReLU's learnable slope, like a leaf that ``apply_fn``
+does not use). Run ``apply_fn`` deterministically (no dropout).
 
 Fixed linear maps. The weights of maps that are not parameters enter the pass as their
 absolute values, not to the power ``p``: an average pool over ``k`` inputs weighs its
@@ -265,12 +268,31 @@ def _check_used(traced: _Traced) -> None:
     )
 
 
+def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
+  used = _used_inputs(traced.closed_jaxpr.jaxpr)
+  off = [i for j, i in enumerate(traced.indices) if used[j] and j not in on_pass]
+  if off:
+    raise ValueError(
+      'apply_fn uses these params leaves only on branches that the |theta|^p pass never '
+      'takes: '
+      + '; '.join(
+        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
+        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
+        for i in off
+      )
+      + '. On the pass every unit is non-negative, so jnp.where(h >= 0, h, a * h) (PReLU) '
+      'always passes h: a learnable slope a is on no path, its path scale would be 0 and '
+      'Path-SGD would never update it. Use a fixed slope (jax.nn.leaky_relu, or the slope '
+      'as a constant), or train this network with another optimizer.'
+    )
+
+
 def check_network(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) -> _Traced:
   """``apply_fn`` traced (no compilation), after raising the ``ValueError`` of
   ``log_scale_leaves`` that its network would give (used at ``init``, before any step)."""
   traced = _trace(params, apply_fn, input_shape)
   _check_used(traced)
-  scope.check(traced.closed_jaxpr)
+  _check_on_pass(traced, scope.check(traced.closed_jaxpr))
   return traced
 
 
@@ -317,9 +339,7 @@ def _log_path_norm(jaxpr, consts, p, floats) -> jax.Array:
   return jnp.where(_invalid(p, floats), jnp.nan, jnp.where(positive, log_norm, elsewhere))
 
 
-_compiled: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = (
-  collections.OrderedDict()
-)
+_compiled: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = collections.OrderedDict()
 
 
 def _compiled_pass(fn, jaxpr: jex_core.Jaxpr, key: bytes, p: float):

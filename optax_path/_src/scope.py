@@ -20,7 +20,18 @@ depend on the params or the input:
   a step function used as a value (``(h > 0).astype(float)``, ``sign(h)``, a cast to
   an integer), a constant other than 0 put in place of units (``jnp.where(mask, h,
   -1e9)``, an added ``-inf`` mask), an embedding (indices read from the input), a
-  ``while_loop`` (the scales need the gradient of the forward pass: use ``lax.scan``).
+  ``while_loop`` (the scales need the gradient of the forward pass: use ``lax.scan``);
+- a ``lax.cond`` or ``lax.switch`` whose branch is chosen by the input (a hard gate);
+- a choice, max, min, mask or integer cast made from the parameters' values
+  (``jnp.where(a > 0, h, 0)``, ``lax.cond(a > 0, ...)``, a non-negative kernel
+  ``relu(w)``, ``h * (scores > 0)``): on the pass every parameter is ``|theta|^p >= 0``,
+  so the pass would take another branch, or count edges that are off, where a
+  parameter is negative.
+
+And ``check`` returns the parameters on the pass: those that reach the output along the
+branches the pass takes. In ``jnp.where(h >= 0, h, a * h)`` (PReLU) the pass always
+takes ``h``, so a learnable slope ``a`` is on no path: its scale would be 0, and the
+general mode refuses it as it refuses a leaf that ``apply_fn`` does not use.
 
 Constants computed inside the trace (``jnp.clip``'s bounds, ``jnp.zeros_like``) are
 folded to their values first, so a comparison or a max with them is judged by value.
@@ -30,9 +41,8 @@ concatenations, gathers with constant indices, dtype casts, sharding annotations
 product of an activation with a constant or a parameter (a diagonal layer), ReLU
 (``max`` with 0, ``h * (h > 0)``), ``jnp.where(h > 0, h, a * h)`` (leaky ReLU), max
 pooling (see :mod:`~optax_path._src.positive_pass`), ``abs``, ``lax.scan`` over such
-layers. A learnable activation slope (PReLU's) is not a weight of any path: on the
-pass its branch is never taken, so its scale is 0. A BatchNorm that uses its
-running averages is a fixed affine map, and so allowed.
+layers. A BatchNorm that uses its running averages is a fixed affine map, and so
+allowed.
 
 References:
   Neyshabur, Salakhutdinov & Srebro, `Path-SGD <https://arxiv.org/abs/1506.02617>`_,
@@ -55,20 +65,50 @@ import numpy as np
 from optax_path._src import positive_pass
 
 #: Structural: moves or copies entries; the output is what its data operands are.
-_STRUCTURAL = frozenset({
-  'reshape', 'broadcast_in_dim', 'transpose', 'squeeze', 'expand_dims', 'split', 'slice',
-  'rev', 'copy', 'copy_p', 'reduce_precision', 'sharding_constraint', 'mesh_cast',
-  'reshard', 'device_put', 'optimization_barrier', 'neg', 'abs', 'stop_gradient',
-})
+_STRUCTURAL = frozenset(
+  {
+    'reshape',
+    'broadcast_in_dim',
+    'transpose',
+    'squeeze',
+    'expand_dims',
+    'split',
+    'slice',
+    'rev',
+    'copy',
+    'copy_p',
+    'reduce_precision',
+    'sharding_constraint',
+    'mesh_cast',
+    'reshard',
+    'device_put',
+    'optimization_barrier',
+    'neg',
+    'abs',
+    'stop_gradient',
+  }
+)
 #: Sums of their operands (a step function or a non-finite constant must not enter).
-_SUMS = frozenset({
-  'add', 'add_any', 'sub', 'concatenate', 'pad', 'reduce_sum', 'reduce_window_sum',
-  'cumsum', 'psum', 'all_gather',
-})
+_SUMS = frozenset(
+  {
+    'add',
+    'add_any',
+    'sub',
+    'concatenate',
+    'pad',
+    'reduce_sum',
+    'reduce_window_sum',
+    'cumsum',
+    'psum',
+    'all_gather',
+  }
+)
 #: Maxima, rewritten as sums on the pass (positive_pass).
 _MAXIMA = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_max', 'reduce_min'})
 #: Indexing: the operands after the first are indices, which must not come from the input.
-_INDEXING = frozenset({'gather', 'dynamic_slice', 'dynamic_update_slice', 'scatter-add', 'scatter_add'})
+_INDEXING = frozenset(
+  {'gather', 'dynamic_slice', 'dynamic_update_slice', 'scatter-add', 'scatter_add'}
+)
 _COMPARISONS = frozenset({'gt', 'ge', 'lt', 'le', 'eq', 'ne'})
 _LOGICAL = frozenset({'and', 'or', 'not', 'xor', 'is_finite', 'reduce_and', 'reduce_or'})
 _PRODUCTS = frozenset({'mul', 'dot_general', 'conv_general_dilated'})
@@ -91,44 +131,74 @@ class _Kind:
   value: Any = None
   ident: Any = None  # an activation: which one (kept by calls and copies)
   source: Any = None  # a gate: the activation it tests
+  params: frozenset = frozenset()  # the params (input positions) it has on the pass
+  on_pass: bool | None = None  # a gate testing an activation: its value on the pass
 
   @property
   def act(self) -> bool:
     return self.inp and not self.gate
 
+  @property
+  def of_params(self) -> bool:
+    """Computed from the params alone, not from the input."""
+    return self.dep and not self.inp
+
   def join(self, other: _Kind) -> _Kind:
-    return _Kind(self.dep or other.dep, self.inp or other.inp, self.gate or other.gate)
+    return _Kind(
+      self.dep or other.dep,
+      self.inp or other.inp,
+      self.gate or other.gate,
+      params=self.params | other.params,
+    )
+
+  def flow(self) -> tuple:
+    """What a scan's carry must agree on between two rounds."""
+    return self.dep, self.inp, self.gate, self.params
 
 
 _CONST = _Kind()
-_PARAM = _Kind(dep=True)
 #: Keep the value as it is: the output is the same activation.
-_SAME_VALUE = frozenset({
-  'copy', 'copy_p', 'convert_element_type', 'sharding_constraint', 'mesh_cast', 'reshard',
-  'device_put', 'optimization_barrier', 'reduce_precision',
-})
+_SAME_VALUE = frozenset(
+  {
+    'copy',
+    'copy_p',
+    'convert_element_type',
+    'sharding_constraint',
+    'mesh_cast',
+    'reshard',
+    'device_put',
+    'optimization_barrier',
+    'reduce_precision',
+  }
+)
 
 
 def _activation() -> _Kind:
   return _Kind(dep=True, inp=True, ident=object())
 
 
-def check(closed_jaxpr: jex_core.ClosedJaxpr) -> None:
+def check(closed_jaxpr: jex_core.ClosedJaxpr) -> frozenset:
   """Raises ``ValueError`` if the traced ``apply_fn`` is outside Path-SGD's scope.
 
   Args:
     closed_jaxpr: ``jax.make_jaxpr`` of ``(q, x) -> sum(apply_fn(params(q), x))``: its
       last input is the network's input, the others are parameters.
 
+  Returns:
+    The positions (among the inputs) of the parameters on the pass: those that reach
+    the output along the branches the ``|theta|^p`` pass takes.
+
   Raises:
     ValueError: naming the first primitive, in the order of the trace, that makes the
       network other than a ReLU network (see the module docstring), and what to do.
   """
   jaxpr = closed_jaxpr.jaxpr
-  kinds = [_PARAM] * (len(jaxpr.invars) - 1) + [_activation()]
+  n_params = len(jaxpr.invars) - 1
+  kinds = [_Kind(dep=True, params=frozenset({i})) for i in range(n_params)] + [_activation()]
   consts = [_Kind(value=c) for c in closed_jaxpr.consts]
   with jax.ensure_compile_time_eval():
-    _check(jaxpr, consts, kinds)
+    outs = _check(jaxpr, consts, kinds)
+  return _join(outs).params
 
 
 def _check(jaxpr: jex_core.Jaxpr, consts: Sequence[_Kind], kinds: Sequence[_Kind]) -> list[_Kind]:
@@ -158,7 +228,17 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   if name == 'scan':
     return _scan_kinds(eqn, ops)
   if name == 'cond':
-    outs = [_check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']]
+    if ops[0].inp:
+      _refuse(
+        name,
+        'a branch chosen by testing the activations (a hard gate, such as lax.cond(jnp.sum(h) '
+        '> 0, ...)): ReLU and leaky ReLU choose per unit, by the value they pass on',
+      )
+    if ops[0].dep:
+      _refuse_of_params(name)
+    outs = [
+      _check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']
+    ]
     return [_join(column) for column in zip(*outs)]
   if is_call:  # jit, custom_jvp, checkpoint, ...: its body, with constants folded too
     body = bodies[0]
@@ -175,6 +255,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
 
   def refuse(what: str) -> None:
     _refuse(name, what)
+
   if name in positive_pass.SELECTS_BY_VALUE:
     raise ValueError(positive_pass.unsupported_message(eqn))
   if name == 'while':
@@ -185,12 +266,16 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       'with fixed bounds).'
     )
   if name in _STRUCTURAL or name in _SAME_VALUE:
-    to_floats = name != 'convert_element_type' or jnp.issubdtype(eqn.params['new_dtype'], jnp.floating)
+    to_floats = name != 'convert_element_type' or jnp.issubdtype(
+      eqn.params['new_dtype'], jnp.floating
+    )
     if joined.act and not to_floats:
       refuse(
         'a cast of activations to an integer or bool type (indices for an embedding, a '
         'quantisation or a step)'
       )
+    if joined.of_params and not joined.gate and not to_floats:
+      _refuse_of_params(name)
     data = [k for k in ops if k.dep]
     return data[0] if len(data) == 1 else joined
   if name in _INDEXING:
@@ -203,29 +288,52 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if name != 'pad' and joined.inp and any(_known_non_finite(k) for k in ops):  # pad: no unit
       refuse('an infinite constant among the activations (a -inf mask before a max)')
     return joined
+  if name == 'sign' and joined.of_params:
+    return joined  # |sign(theta)| = sign(|theta|^p): the same magnitude on the pass
   if name in _COMPARISONS or name == 'sign':
     tested = [k for k in ops if k.dep]
     others = [k for k in ops if not k.dep]
     if name != 'sign' and joined.inp and not all(_known(k, _zero) for k in others):
       refuse('a comparison of activations with a constant other than 0 (a threshold or clip)')
     source = tested[0].ident if len(tested) == 1 and tested[0].act else None
-    return _Kind(dep=True, inp=joined.inp, gate=True, source=source)
+    on_pass = _compared_on_pass(name, ops) if source is not None else None
+    return _Kind(
+      dep=True, inp=joined.inp, gate=True, source=source, params=joined.params, on_pass=on_pass
+    )
   if name in _LOGICAL:
     sources = {k.source for k in ops if k.gate}
-    return _Kind(dep=True, inp=joined.inp, gate=True, source=sources.pop() if len(sources) == 1 else None)
+    return _Kind(
+      dep=True,
+      inp=joined.inp,
+      gate=True,
+      source=sources.pop() if len(sources) == 1 else None,
+      params=joined.params,
+      on_pass=_logical_on_pass(name, ops),
+    )
   if name == 'select_n':
     predicate, cases = ops[0], ops[1:]
+    if predicate.of_params:
+      _refuse_of_params(name)
     if any(k.gate for k in cases) or not all(k.dep or _known(k, _zero) for k in cases):
-      refuse('a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)')
+      refuse(
+        'a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)'
+      )
     if predicate.inp and predicate.source not in {k.ident for k in cases if k.act}:
       refuse(
         'a choice between activations made by testing another value (a hard gate, or a '
         'threshold such as h - 1 > 0): ReLU and leaky ReLU test the value they pass on'
       )
+    if predicate.on_pass is not None and len(cases) == 2:  # ReLU-like: the pass takes one case
+      taken = cases[int(predicate.on_pass)]
+      return dataclasses.replace(_join(cases), params=taken.params)
     return _join(cases)
+  if name == 'clamp' and ops[1].gate and not (ops[0].dep or ops[2].dep):
+    return ops[1]  # lax.switch's index, kept in range: still a step function
   if name in _MAXIMA:
     if joined.gate:
       refuse('a max of a step function')
+    if joined.of_params:
+      _refuse_of_params(name)
     return joined
   if name in ('reduce_window', 'reduce'):
     return _reduction(eqn, name, ops)
@@ -235,8 +343,11 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     acts, gates = [k for k in ops if k.act], [k for k in ops if k.gate and k.inp]
     if acts and gates and gates[0].source is not acts[0].ident:
       refuse('an activation multiplied by a step function of another value (a hard gate)')
-    if acts:
-      return _Kind(dep=True, inp=True)  # an activation, masked or scaled
+    if any(k.gate and k.of_params for k in ops):
+      _refuse_of_params(name)
+    if acts:  # an activation, masked or scaled; by a gate that is 0 on the pass: no path
+      closed = any(k.gate and k.on_pass is False for k in ops)
+      return _Kind(dep=True, inp=True, params=frozenset() if closed else joined.params)
     if gates:
       return dataclasses.replace(joined, source=gates[0].source)
     return joined
@@ -256,6 +367,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   if name in _ELEMENTWISE_MAX:
     if joined.gate:
       refuse('a max of a step function')
+    if joined.of_params:
+      _refuse_of_params(name)
     if all(k.dep for k in ops) or all(_known(k, _zero_or_infinite) for k in ops if not k.dep):
       return joined
     refuse('a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
@@ -266,7 +379,9 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     )
   if name in _ROOTS:
     refuse('a root (a normalisation layer, or weight normalisation)')
-  refuse('a nonlinearity that is not positively homogeneous (GELU, tanh, sigmoid, swish, softmax, ...)')
+  refuse(
+    'a nonlinearity that is not positively homogeneous (GELU, tanh, sigmoid, swish, softmax, ...)'
+  )
   raise AssertionError  # unreachable: refuse raises
 
 
@@ -275,10 +390,16 @@ def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   jaxpr = body.jaxpr if hasattr(body, 'jaxpr') else body
   inner = [e.primitive.name for e in getattr(jaxpr, 'eqns', [])]
   if len(inner) != 1 or inner[0] not in ('add', 'max', 'min'):
-    _refuse(name, f'a reduction whose computation is {" and ".join(inner) or "unknown"}, not a sum or a max')
+    _refuse(
+      name,
+      f'a reduction whose computation is {" and ".join(inner) or "unknown"}, not a sum or a max',
+    )
   if any(k.gate for k in ops):
     _refuse(name, 'a reduction of a step function')
-  return _join(ops[: len(ops) // 2])
+  data = _join(ops[: len(ops) // 2])
+  if data.of_params and inner[0] != 'add':
+    _refuse_of_params(name)
+  return data
 
 
 def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
@@ -289,7 +410,7 @@ def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   for _ in range(4):
     outs = _check(body.jaxpr, [_Kind(value=c) for c in body.consts], kinds)
     carry = [a.join(b) for a, b in zip(kinds[n_consts : n_consts + n_carry], outs[:n_carry])]
-    if carry == [_Kind(k.dep, k.inp, k.gate) for k in kinds[n_consts : n_consts + n_carry]]:
+    if [k.flow() for k in carry] == [k.flow() for k in kinds[n_consts : n_consts + n_carry]]:
       return outs
     kinds[n_consts : n_consts + n_carry] = carry
   return outs
@@ -300,7 +421,11 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   n_out = len(eqn.outvars)
   values = [k.value for k in ops]
   small = all(v is not None and np.size(v) <= _FOLD_LIMIT for v in values)
-  small = small and not any(jax.dtypes.issubdtype(getattr(v, 'dtype', None), jax.dtypes.prng_key) for v in values if hasattr(v, 'dtype'))
+  small = small and not any(
+    jax.dtypes.issubdtype(getattr(v, 'dtype', None), jax.dtypes.prng_key)
+    for v in values
+    if hasattr(v, 'dtype')
+  )
   if not small or any(_is_jaxpr(v) for v in eqn.params.values()):
     return [None] * n_out
   try:
@@ -348,6 +473,50 @@ def _is_jaxpr(value: Any) -> bool:
   if isinstance(value, (tuple, list)):
     return any(_is_jaxpr(v) for v in value)
   return isinstance(value, (jex_core.Jaxpr, jex_core.ClosedJaxpr))
+
+
+#: A comparison of an activation with 0 on the pass, where every activation is >= 0:
+#: its value with the activation on the left, and on the right.
+_ON_PASS = {
+  'gt': (True, False),
+  'ge': (True, False),
+  'ne': (True, True),
+  'lt': (False, True),
+  'le': (False, True),
+  'eq': (False, False),
+}
+
+
+def _compared_on_pass(name: str, ops: list[_Kind]) -> bool | None:
+  """The value on the pass of ``h op 0`` or ``0 op h`` (a zero ``h`` passes nothing
+  either way, so it counts as positive)."""
+  if name not in _ON_PASS:
+    return None
+  return _ON_PASS[name][0 if ops[0].dep else 1]
+
+
+def _logical_on_pass(name: str, ops: list[_Kind]) -> bool | None:
+  values = [k.on_pass for k in ops]
+  if any(v is None for v in values):
+    return None
+  if name == 'not':
+    return not values[0]
+  combine = {'and': all, 'or': any, 'xor': lambda v: sum(v) % 2 == 1}.get(name)
+  return None if combine is None else bool(combine(values))
+
+
+def _refuse_of_params(name: str) -> None:
+  raise ValueError(
+    f'apply_fn applies {name} to the values of the parameters (a choice such as '
+    'jnp.where(a > 0, h, 0) or lax.cond(a > 0, ...), a max or min such as a non-negative '
+    'kernel relu(w) or a clip of the weights, a mask such as h * (scores > 0), indices '
+    'cast from the weights). On the |theta|^p pass every parameter is non-negative, so '
+    'where one is negative the pass would take another branch, count edges that are off '
+    'or read other indices, and the path scales would be those of another network. Make the choice outside apply_fn (a Python bool or a '
+    'constant), or keep the constraint out of the forward pass: e.g. project the params '
+    'after each step with optax.projections.projection_non_negative rather than apply '
+    'relu(w) inside apply_fn.'
+  )
 
 
 def _refuse(name: str, what: str) -> None:
