@@ -93,9 +93,7 @@ def explicit_paths(incoming, unit):
   if unit == 'bias' or unit[0] == 'x':
     return [[]]
   return [
-    path + [edge]
-    for source, edge in incoming[unit]
-    for path in explicit_paths(incoming, source)
+    path + [edge] for source, edge in incoming[unit] for path in explicit_paths(incoming, source)
   ]
 
 
@@ -276,7 +274,7 @@ def test_path_sgd_is_invariant_to_channel_rescalings_through_max_pools():
 # (c) What the pass cannot count, and a max pool inside cond.
 
 
-def test_selecting_units_by_value_or_a_max_in_a_loop_is_an_error():
+def test_selecting_units_by_value_is_an_error():
   params = {'w': jnp.ones((3, 3))}
   mode = {'input_shape': (3,)}
   with pytest.raises(ValueError, match='argmax'):
@@ -284,9 +282,21 @@ def test_selecting_units_by_value_or_a_max_in_a_loop_is_an_error():
   with pytest.raises(ValueError, match='sort'):
     optax_path.path_scales(params, apply_fn=lambda q, x: jnp.sort(x @ q['w']), **mode)
 
-  with pytest.raises(ValueError, match='scan'):
-    optax_path.path_norm(params, apply_fn=lambda q, x: jax.lax.scan(
-      lambda h, _: (jnp.maximum(h @ q['w'], h), None), x, None, length=2)[0], **mode)
+
+def test_a_max_inside_lax_scan_counts_every_path_as_unrolled():
+  """The scan body is rewritten as the unrolled steps are (it was an error). By hand,
+  p = 1, w = ones(3, 3), input ones: each unit is max(h @ |w|, h) -> 3 h + h, so after
+  two steps 4 * 4 = 16 per unit, 48 in all."""
+  params = {'w': jnp.ones((3, 3))}
+  mode = {'input_shape': (3,)}
+  step = lambda q, h: jnp.maximum(h @ q['w'], h)
+  scanned = lambda q, x: jax.lax.scan(lambda h, _: (step(q, h), None), x, None, length=2)[0]
+  unrolled = lambda q, x: step(q, step(q, x))
+  norm = optax_path.path_norm(params, 1.0, apply_fn=scanned, **mode)
+  np.testing.assert_allclose(norm, 48.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    norm, optax_path.path_norm(params, 1.0, apply_fn=unrolled, **mode), rtol=1e-6
+  )
 
 
 USE_MAX = jnp.asarray(True)

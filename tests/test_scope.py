@@ -333,7 +333,7 @@ def test_a_cond_or_switch_chosen_by_the_activations_is_refused():
     ),
   }
   for act in chosen.values():
-    with pytest.raises(ValueError, match='branch chosen by testing the activations'):
+    with pytest.raises(ValueError, match='branch chosen by testing the input or the activations'):
       optax_path.path_scales(PARAMS, apply_fn=middle(act), input_shape=(2,))
 
 
@@ -347,35 +347,71 @@ def with_a(act):
   )
 
 
-OF_PARAMS = {
-  'jnp.where(a > 0, h, 0)': lambda q, h: jnp.where(q['a'] > 0, jax.nn.relu(h), 0.0),
-  'lax.cond(a > 0, ...)': lambda q, h: jax.lax.cond(q['a'] > 0, jax.nn.relu, jnp.zeros_like, h),
-  'a relu(w) kernel (input-convex nets)': lambda q, h: jax.nn.relu(
-    jax.nn.relu(h) @ jax.nn.relu(q['w2']) @ q['w2'].T
+OF_PARAMS = {  # name: (network, the leaf the message must name)
+  'jnp.where(a > 0, h, 0)': (lambda q, h: jnp.where(q['a'] > 0, jax.nn.relu(h), 0.0), 'a'),
+  'lax.cond(a > 0, ...)': (
+    lambda q, h: jax.lax.cond(q['a'] > 0, jax.nn.relu, jnp.zeros_like, h),
+    'a',
   ),
-  'a clip of the weights': lambda q, h: jax.nn.relu(h * jnp.clip(q['scores'], -1.0, 1.0)),
-  'a learned mask h * (scores > 0)': lambda q, h: jax.nn.relu(h) * (q['scores'] > 0),
-  'leaky relu of the weights': lambda q, h: (
-    jax.nn.relu(h) * jnp.where(q['scores'] > 0, q['scores'], 0.1 * q['scores'])
+  'a relu(w) kernel (input-convex nets)': (
+    lambda q, h: jax.nn.relu(jax.nn.relu(h) @ jax.nn.relu(q['w2']) @ q['w2'].T),
+    'w2',
   ),
-  'a max of the weights': lambda q, h: jax.nn.relu(h) * jnp.max(q['scores']),
-  'indices from the weights': lambda q, h: jax.nn.relu(h)[:, q['scores'].astype(jnp.int32) % 3],
+  'a clip of the weights': (
+    lambda q, h: jax.nn.relu(h * jnp.clip(q['scores'], -1.0, 1.0)),
+    'scores',
+  ),
+  'a learned mask h * (scores > 0)': (lambda q, h: jax.nn.relu(h) * (q['scores'] > 0), 'scores'),
+  'leaky relu of the weights': (
+    lambda q, h: jax.nn.relu(h) * jnp.where(q['scores'] > 0, q['scores'], 0.1 * q['scores']),
+    'scores',
+  ),
+  'a max of the weights': (lambda q, h: jax.nn.relu(h) * jnp.max(q['scores']), 'scores'),
+  'indices from the weights': (
+    lambda q, h: jax.nn.relu(h)[:, q['scores'].astype(jnp.int32) % 3],
+    'scores',
+  ),
+  'indices from the sign of a weight': (
+    lambda q, h: (
+      jnp.take(jax.nn.relu(h), (q['a'] > 0).astype(jnp.int32), axis=1, mode='clip')[:, None]
+      * jnp.ones((1, 3))
+    ),
+    'a',
+  ),
+  'a relu of a kernel built by scatter': (
+    lambda q, h: (
+      jax.nn.relu(h) * jax.nn.relu(jnp.zeros(3).at[jnp.array([0, 2])].add(q['scores'][:2]))
+    ),
+    'scores',
+  ),
+  'a mask of the weights through a 4-deep scan carry': (
+    lambda q, h: (
+      jax.lax.scan(
+        lambda c, _: ((c[1], c[2], c[3], (q['a'] > 0).astype(h.dtype)), None),
+        (jnp.ones(()),) * 4,
+        None,
+        length=5,
+      )[0][0]
+      * jax.nn.relu(h)
+    ),
+    'a',
+  ),
 }
 
 
 @pytest.mark.parametrize('name', sorted(OF_PARAMS))
-def test_choices_maxima_and_masks_of_the_parameters_are_refused(name):
+def test_choices_maxima_and_masks_of_the_parameters_are_refused_by_name(name):
   """On the pass every parameter is |theta|^p >= 0: a test of a negative parameter takes
   the other branch there. Before, ``where(a > 0, h, 0)`` with a = -0.5 (the network's
-  output does not depend on w1) gave w1 the scales of the open gate, and a relu(w)
-  kernel counted its negative entries as |w|^p rather than 0."""
+  output does not depend on w1) gave w1 the scales of the open gate, and a relu(w2)
+  kernel counted its negative entries as |w|^p rather than 0: w1's first scale 5.0 where
+  the network's is 1.0 (p = 2, PARAMS)."""
+  act, leaf = OF_PARAMS[name]
   for call in (
-    lambda: optax_path.path_scales(PARAMS_A, apply_fn=with_a(OF_PARAMS[name]), input_shape=(2,)),
-    lambda: optax_path.path_normalize(apply_fn=with_a(OF_PARAMS[name]), input_shape=(2,)).init(
-      PARAMS_A
-    ),
+    lambda: optax_path.path_scales(PARAMS_A, apply_fn=with_a(act), input_shape=(2,)),
+    lambda: optax_path.path_normalize(apply_fn=with_a(act), input_shape=(2,)).init(PARAMS_A),
   ):
-    with pytest.raises(ValueError, match='to the values of the parameters') as raised:
+    with pytest.raises(ValueError, match=rf'applies \S+ to values of {leaf}: ') as raised:
       call()
     assert 'projection_non_negative' in str(raised.value)
 
@@ -448,3 +484,134 @@ def test_a_learnable_prelu_slope_is_on_no_path_and_refused_by_name():
     apply_fn=lambda q, x: fixed.apply({'params': q}, x), input_shape=(3,)
   )
   tx.init(dense)
+
+
+# ------------------------- loops, scatters and spellings of ReLU (a breaker's cases)
+
+
+def scan_and_loop(step, h0, steps):
+  """The same recurrent net as a lax.scan and as a Python loop over ``steps`` inputs."""
+
+  def scanned(q, x):
+    h, _ = jax.lax.scan(lambda h, xt: (step(q, h, xt), None), h0(x), jnp.swapaxes(x, 0, 1))
+    return h @ q['wo']
+
+  def looped(q, x):
+    h = h0(x)
+    for t in range(steps):
+      h = step(q, h, x[:, t])
+    return h @ q['wo']
+
+  return scanned, looped
+
+
+RNN = {'wh': jnp.array([[0.5]]), 'wx': jnp.array([[-1.5]]), 'wo': jnp.array([[0.75]])}
+
+
+def test_differences_and_constants_inside_lax_scan_count_every_path():
+  """Before, a scan body was evaluated as written on the pass: a leaky integrator gave
+  phi_1 0.41 for 1.06, and relu((x_t - 2) @ wx) cut every path (phi_1 = 0, every scale 0,
+  the net never trained). Expected: the loop unrolled by hand, p = 1, input ones."""
+  wh, wx, wo = 0.5, 1.5, 0.75
+  zeros = lambda x: jnp.zeros((x.shape[0], 1))
+  leaky = lambda q, h, xt: h + 0.5 * (jax.nn.relu(h @ q['wh'] + xt[:, None] @ q['wx']) - h)
+  centred = lambda q, h, xt: h + jax.nn.relu((xt[:, None] - 2.0) @ q['wx'])
+  g_leaky = g_centred = 0.0
+  for _ in range(3):  # the skip (1), the -h (|-0.5|) and the relu unit (0.5) into h'
+    g_leaky = 1.5 * g_leaky + 0.5 * (g_leaky * wh + wx)
+    g_centred = g_centred + (1.0 + 2.0) * wx  # x_t and the bias unit's |-2|
+  no_wh = {k: v for k, v in RNN.items() if k != 'wh'}
+  for step, g, params in ((leaky, g_leaky, RNN), (centred, g_centred, no_wh)):
+    scanned, looped = scan_and_loop(step, zeros, 3)
+    for apply_fn in (scanned, looped):
+      norm = optax_path.path_norm(params, 1.0, apply_fn=apply_fn, input_shape=(3,))
+      np.testing.assert_allclose(norm, g * wo, rtol=1e-6)
+    scales = optax_path.path_scales(params, apply_fn=scanned, input_shape=(3,))
+    assert all(bool(jnp.all(s > 0)) for s in jax.tree.leaves(scales))
+
+
+def test_deep_pipelines_in_a_scan_carry_and_zero_initial_states_are_accepted():
+  """The carry's kinds are followed to their fixed point (4 rounds before: a 5-deep
+  pipeline's weights were 'on no path' and a mask of the weights 6 slots deep got
+  through), and 0 @ w (a zero initial state) is 0, not a value of w. Expected: the
+  unrolled loop, p = 1."""
+  depth = 6
+  q = {f'w{l}': jnp.array([[0.5 + 0.25 * l]]) for l in range(depth)} | {'wo': jnp.array([[2.0]])}
+
+  def pipeline(q, hs, xt):
+    return (jax.nn.relu(xt[:, None] @ q['w0']),) + tuple(
+      jax.nn.relu(hs[l - 1] @ q[f'w{l}']) for l in range(1, depth)
+    )
+
+  def scanned(q, x):
+    h0 = tuple(jnp.zeros((x.shape[0], 1)) for _ in range(depth))
+    hs, _ = jax.lax.scan(lambda hs, xt: (pipeline(q, hs, xt), None), h0, jnp.swapaxes(x, 0, 1))
+    return hs[-1] @ q['wo']
+
+  optax_path.path_normalize(apply_fn=scanned, input_shape=(depth + 1,)).init(q)
+  want = np.prod([0.5 + 0.25 * l for l in range(depth)]) * 2.0  # one path reaches the end
+  np.testing.assert_allclose(
+    optax_path.path_norm(q, 1.0, apply_fn=scanned, input_shape=(depth + 1,)), want, rtol=1e-6
+  )
+  rnn = scan_and_loop(
+    lambda q, h, xt: jax.nn.relu(h @ q['wh']) + xt[:, None] @ q['wx'],
+    lambda x: jnp.zeros((x.shape[0], 1)),
+    3,
+  )
+  norms = [optax_path.path_norm(RNN, 1.0, apply_fn=f, input_shape=(3,)) for f in rnn]
+  np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
+  np.testing.assert_allclose(norms[0], (1.5 * (1 + 0.5 + 0.25)) * 0.75, rtol=1e-6)
+
+
+def test_scatters_of_activations_are_structural():
+  """segment_sum (a GNN's aggregation over a fixed graph), .at[].add/.set and
+  dynamic_update_slice place activations: refused before ('indices read from the
+  input', or 'a nonlinearity'). Expected: the plain net whose w2 rows follow the units to
+  where they were placed (h_j lands on unit ids[j], so it meets w2[ids[j]])."""
+  ids = jnp.array([0, 2, 1])
+  placed = {
+    'segment_sum': (lambda h: jax.ops.segment_sum(h.T, ids, 3).T, ids),
+    '.at[].add': (lambda h: jnp.zeros_like(h).at[:, ids].add(h), ids),
+    '.at[].set': (lambda h: jnp.zeros_like(h).at[:, ids].set(h), ids),
+    'dynamic_update_slice': (
+      lambda h: jax.lax.dynamic_update_slice(jnp.zeros_like(h), h, (0, 0)),
+      jnp.arange(3),
+    ),
+  }
+  for name, (place, order) in placed.items():
+    net = middle(lambda h, place=place: place(jax.nn.relu(h)))
+    got = optax_path.path_norm(PARAMS, 1.0, apply_fn=net, input_shape=(2,))
+    moved = {**PARAMS, 'w2': PARAMS['w2'][order]}
+    want = optax_path.path_norm(moved, 1.0, apply_fn=middle(jax.nn.relu), input_shape=(2,))
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
+    scales = optax_path.path_scales(PARAMS, apply_fn=net, input_shape=(2,))
+    assert all(bool(jnp.all(s > 0)) for s in jax.tree.leaves(scales)), name
+
+
+def test_a_min_with_zero_and_other_spellings_of_relu_count_their_paths():
+  """min(h, 0) = -relu(-h) passed 0 on the pass before: phi_1 0 for 21.75, every scale 0.
+  lax.clamp(0, h, inf) and h * where(h > 0, 1, 0) were refused. Expected: plain ReLU's."""
+  want = optax_path.path_norm(PARAMS, 1.0, apply_fn=middle(jax.nn.relu), input_shape=(2,))
+  for act in (
+    lambda h: jnp.minimum(h, 0.0),
+    lambda h: jax.lax.clamp(0.0, h, jnp.inf),
+    lambda h: h * jnp.where(h > 0, 1.0, 0.0),
+  ):
+    got = optax_path.path_norm(PARAMS, 1.0, apply_fn=middle(act), input_shape=(2,))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_params_only_in_the_branch_a_fixed_flag_never_takes_are_named():
+  """Like a leaf apply_fn does not use: scale 0, never trained (accepted before)."""
+  params = {**PARAMS, 'other': jnp.ones((3, 2))}
+
+  def apply_fn(q, x):
+    h = jax.nn.relu(x @ q['w1'] + q['b1'])
+    out = jax.lax.cond(USE_FIRST, lambda h: h @ q['w2'], lambda h: h @ q['other'], h)
+    return out + q['b2']
+
+  with pytest.raises(ValueError, match=r'never takes: other \(3, 2\)'):
+    optax_path.path_normalize(apply_fn=apply_fn, input_shape=(2,)).init(params)
+
+
+USE_FIRST = jnp.asarray(True)

@@ -268,6 +268,11 @@ def _check_used(traced: _Traced) -> None:
     )
 
 
+def _param_names(traced: _Traced) -> list[str]:
+  """The key paths of the parameters, in the order of the traced pass's inputs."""
+  return [layers_lib.format_path(traced.named_leaves[i][0]) for i in traced.indices]
+
+
 def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
   used = _used_inputs(traced.closed_jaxpr.jaxpr)
   off = [i for j, i in enumerate(traced.indices) if used[j] and j not in on_pass]
@@ -280,10 +285,11 @@ def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
         f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
         for i in off
       )
-      + '. On the pass every unit is non-negative, so jnp.where(h >= 0, h, a * h) (PReLU) '
-      'always passes h: a learnable slope a is on no path, its path scale would be 0 and '
-      'Path-SGD would never update it. Use a fixed slope (jax.nn.leaky_relu, or the slope '
-      'as a constant), or train this network with another optimizer.'
+      + '. They are on no path, so their path scale would be 0 and Path-SGD would never '
+      'update them. On the pass every unit is non-negative, so jnp.where(h >= 0, h, a * h) '
+      '(PReLU) always passes h: use a fixed slope (jax.nn.leaky_relu, or the slope as a '
+      "constant). A lax.cond on a fixed flag takes one branch: leave the other branch's "
+      'params out of params. Or train this network with another optimizer.'
     )
 
 
@@ -292,7 +298,7 @@ def check_network(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) 
   ``log_scale_leaves`` that its network would give (used at ``init``, before any step)."""
   traced = _trace(params, apply_fn, input_shape)
   _check_used(traced)
-  _check_on_pass(traced, scope.check(traced.closed_jaxpr))
+  _check_on_pass(traced, scope.check(traced.closed_jaxpr, _param_names(traced)))
   return traced
 
 
@@ -473,5 +479,5 @@ def log_path_norm(
     11.0
   """
   traced = _trace(params, check_apply_fn(apply_fn), check_input_shape(input_shape))
-  scope.check(traced.closed_jaxpr)
+  scope.check(traced.closed_jaxpr, _param_names(traced))
   return _run(_log_path_norm, traced, p)

@@ -23,7 +23,9 @@ operand depends on the params or the input (an *activation*):
   ``reduce_sum`` over the same axes.
 - ``max`` / ``min`` of two activations (an elementwise max of two branches) -> their
   sum. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
-  depends on neither) it is kept: ReLU is the identity on this pass.
+  depends on neither) a max is kept: ReLU is the identity on this pass. A min with a
+  constant (``min(x, 0) = -relu(-x)``, ``lax.clamp(0, x, inf)``) -> ``x``, which it
+  would otherwise cut to 0 on this pass.
 - ``pad`` of an activation with ``-inf`` or ``+inf`` (a max or min pool's explicit
   padding, as in ``jnp.pad(h, ..., constant_values=-jnp.inf)``) -> pad with 0.
 
@@ -40,10 +42,12 @@ invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled
 alike. Other primitives are bound as traced. Calls (``jit``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``remat``, ``closed_call``) are inlined where their body holds a
 substitution, and otherwise bound as they are, so that custom derivatives (ReLU's is 0
-at 0) stay. ``cond`` branches are rewritten. Out of scope, raising ``ValueError`` that
-names the primitive: ``argmax``, ``argmin``, ``sort``, ``top_k``, ``cummax``,
-``cummin`` and cross-device maxima of activations, which select units by value and
-have no path form; and a substitution inside ``while``, ``scan`` or ``shard_map``.
+at 0) stay. ``cond`` branches and ``scan`` bodies are rewritten (a carry is an
+activation if its initial value is, or if the body makes it one in some round). Out of
+scope, raising ``ValueError`` that names the primitive: ``argmax``, ``argmin``,
+``sort``, ``top_k``, ``cummax``, ``cummin`` and cross-device maxima of activations,
+which select units by value and have no path form; and a substitution inside
+``while`` or ``shard_map``.
 
 References:
   Gonon, Brisebarre, Riccietti & Gribonval, `A path-norm toolkit for modern networks:
@@ -100,7 +104,7 @@ def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[A
 
   Raises:
     ValueError: for a primitive that selects activations by value (``argmax``,
-      ``sort``, ...), or a max to substitute inside ``while``, ``scan`` or another
+      ``sort``, ...), or a substitution inside ``while`` or another
       primitive whose body cannot be inlined; the message names the primitive.
   """
   return _eval(jaxpr, consts, args, [True] * len(jaxpr.invars))
@@ -161,7 +165,11 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   if name in _WINDOW_MAX or name in _REDUCE_MAX:
     return 'sum'
   if name in _ELEMENTWISE_MAX:
-    return 'add' if all(dependent) else None
+    if all(dependent):
+      return 'add'
+    return 'pass_on' if name == 'min' else None  # min(h, 0) would pass 0: no path
+  if name == 'clamp':
+    return 'pass_on' if dependent == [False, True, False] else None
   if name == 'sub':
     return 'add_magnitudes'
   if name == 'neg':
@@ -187,39 +195,55 @@ def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   if name == 'cond':
     branches = eqn.params['branches']
     return 'cond' if any(_rewrites(b.jaxpr, dependent[1:]) for b in branches) else None
+  if name == 'scan':
+    body = eqn.params['jaxpr'].jaxpr
+    return 'scan' if _rewrites(body, _scan_body_flags(eqn, dependent)) else None
   for body in _params_jaxprs(eqn.params):
     jaxpr, _ = _open(body)
     if len(jaxpr.invars) == len(dependent):
       inner = dependent
     else:  # a body whose inputs are not the eqn's: count them all as activations
       inner = [True] * len(jaxpr.invars)
-    if _rewrites(jaxpr, inner, maxima_only=True):
+    if _rewrites(jaxpr, inner):
       return 'unsupported'
   return None
 
 
-#: Rules that only take magnitudes: inside a loop, which cannot be rewritten, the pass
-#: goes on with the constants as the network applies them.
-_MAGNITUDE_RULES = frozenset({'identity', 'add_magnitudes', 'constant_magnitudes'})
-
-
-def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool], maxima_only: bool = False) -> bool:
-  """Whether evaluating ``jaxpr`` needs a substitution (with ``maxima_only``, one of a
-  max: the substitutions without which paths would be lost)."""
+def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool]) -> bool:
+  """Whether evaluating ``jaxpr`` needs a substitution."""
   dependent = dict(zip(jaxpr.invars, dependent_invars))
   for eqn in jaxpr.eqns:
     flags = [_is_dependent(v, dependent) for v in eqn.invars]
-    rule = _rule(eqn, flags)
-    if maxima_only and rule in ('inline', 'cond'):
-      bodies = [_open(b)[0] for b in _params_jaxprs(eqn.params)]
-      inner = flags[1:] if rule == 'cond' else flags
-      if any(_rewrites(b, inner, maxima_only=True) for b in bodies):
-        return True
-    elif rule is not None and not (maxima_only and rule in _MAGNITUDE_RULES):
+    if _rule(eqn, flags) is not None:
       return True
     for v in eqn.outvars:
       dependent[v] = any(flags)
   return False
+
+
+def _dependent_outputs(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool]) -> list[bool]:
+  """Which outputs of ``jaxpr`` depend on its dependent inputs (as ``_eval`` marks them)."""
+  dependent = dict(zip(jaxpr.invars, dependent_invars))
+  for eqn in jaxpr.eqns:
+    flag = any(_is_dependent(v, dependent) for v in eqn.invars)
+    dependent.update((v, flag) for v in eqn.outvars)
+  return [_is_dependent(v, dependent) for v in jaxpr.outvars]
+
+
+def _scan_body_flags(eqn: jex_core.JaxprEqn, flags: list[bool]) -> list[bool]:
+  """Which inputs of a scan's body are activations: a carry is one if its initial value
+  is, or if the body makes it one in any round (a fixed point, reached in at most one
+  round per carry)."""
+  body = eqn.params['jaxpr'].jaxpr
+  n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+  inner = list(flags)
+  for _ in range(n_carry + 1):
+    carried = _dependent_outputs(body, inner)[:n_carry]
+    carry = [a or b for a, b in zip(inner[n_consts : n_consts + n_carry], carried)]
+    if carry == inner[n_consts : n_consts + n_carry]:
+      break
+    inner[n_consts : n_consts + n_carry] = carry
+  return inner
 
 
 def _is_dependent(atom: Any, dependent: dict[Any, bool]) -> bool:
@@ -261,6 +285,8 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(values[0], values[1])]
   if rule == 'identity':
     return [values[0]]
+  if rule == 'pass_on':
+    return [values[flags.index(True)]]
   if rule == 'add_magnitudes':
     a, b = _constant_magnitudes(values, flags)
     return [lax.add(a, b)]
@@ -286,6 +312,8 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return _eval(body, consts, values, flags)
   if rule == 'cond':
     return _cond(eqn, values, flags)
+  if rule == 'scan':
+    return _scan(eqn, values, flags)
   raise ValueError(unsupported_message(eqn))
 
 
@@ -304,6 +332,16 @@ def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[
   return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
 
 
+def _scan(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
+  """``scan`` with its body evaluated with the substitutions, in every round."""
+  body = eqn.params['jaxpr']
+  inner = _scan_body_flags(eqn, flags)
+  avals = [v.aval for v in body.jaxpr.invars]
+  rewritten = jax.make_jaxpr(lambda *xs: _eval(body.jaxpr, body.consts, xs, inner))(*avals)
+  params = dict(eqn.params, jaxpr=rewritten)
+  return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
+
+
 def unsupported_message(eqn: jex_core.JaxprEqn) -> str:
   name = eqn.primitive.name
   if name in SELECTS_BY_VALUE:
@@ -314,8 +352,9 @@ def unsupported_message(eqn: jex_core.JaxprEqn) -> str:
       'may keep it), or use the MLP mode.'
     )
   return (
-    f'apply_fn has a max or max pool of activations inside {name}. The general mode '
-    'counts every path through a max by rewriting it as a sum, which it can do inside '
-    'jit, custom_jvp, custom_vjp, checkpoint and cond, but not inside '
-    f'{name}. Unroll the loop, or give an apply_fn with sum pooling there.'
+    f'apply_fn has, inside {name}, a max or max pool of activations, a difference or '
+    'negation of them, or a fixed weight (a constant factor or offset). The general mode '
+    'counts every path by rewriting these (a max as a sum, a constant c as |c|), which it '
+    f'can do inside jit, custom_jvp, custom_vjp, checkpoint, cond and scan, but not inside '
+    f'{name}, where the pass would lose paths. Move them out of {name}.'
   )

@@ -53,6 +53,7 @@ References:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -106,9 +107,16 @@ _SUMS = frozenset(
 #: Maxima, rewritten as sums on the pass (positive_pass).
 _MAXIMA = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_max', 'reduce_min'})
 #: Indexing: the operands after the first are indices, which must not come from the input.
-_INDEXING = frozenset(
-  {'gather', 'dynamic_slice', 'dynamic_update_slice', 'scatter-add', 'scatter_add'}
-)
+#: Indexing: which operands are data (the rest are indices, which must not come from the
+#: input or the params): the output takes each entry from one data entry, or sums some.
+_INDEXING = {
+  'gather': (0,),
+  'dynamic_slice': (0,),
+  'dynamic_update_slice': (0, 1),
+  'scatter': (0, 2),
+  'scatter-add': (0, 2),
+  'scatter_add': (0, 2),
+}
 _COMPARISONS = frozenset({'gt', 'ge', 'lt', 'le', 'eq', 'ne'})
 _LOGICAL = frozenset({'and', 'or', 'not', 'xor', 'is_finite', 'reduce_and', 'reduce_or'})
 _PRODUCTS = frozenset({'mul', 'dot_general', 'conv_general_dilated'})
@@ -157,6 +165,10 @@ class _Kind:
 
 
 _CONST = _Kind()
+#: The parameters' names (by input position) for the messages of the current ``check``.
+_PARAM_NAMES: contextvars.ContextVar[Sequence[str] | None] = contextvars.ContextVar(
+  'param_names', default=None
+)
 #: Keep the value as it is: the output is the same activation.
 _SAME_VALUE = frozenset(
   {
@@ -177,12 +189,15 @@ def _activation() -> _Kind:
   return _Kind(dep=True, inp=True, ident=object())
 
 
-def check(closed_jaxpr: jex_core.ClosedJaxpr) -> frozenset:
+def check(
+  closed_jaxpr: jex_core.ClosedJaxpr, param_names: Sequence[str] | None = None
+) -> frozenset:
   """Raises ``ValueError`` if the traced ``apply_fn`` is outside Path-SGD's scope.
 
   Args:
     closed_jaxpr: ``jax.make_jaxpr`` of ``(q, x) -> sum(apply_fn(params(q), x))``: its
       last input is the network's input, the others are parameters.
+    param_names: the parameters' names (key paths), for the messages.
 
   Returns:
     The positions (among the inputs) of the parameters on the pass: those that reach
@@ -196,8 +211,12 @@ def check(closed_jaxpr: jex_core.ClosedJaxpr) -> frozenset:
   n_params = len(jaxpr.invars) - 1
   kinds = [_Kind(dep=True, params=frozenset({i})) for i in range(n_params)] + [_activation()]
   consts = [_Kind(value=c) for c in closed_jaxpr.consts]
-  with jax.ensure_compile_time_eval():
-    outs = _check(jaxpr, consts, kinds)
+  token = _PARAM_NAMES.set(param_names)
+  try:
+    with jax.ensure_compile_time_eval():
+      outs = _check(jaxpr, consts, kinds)
+  finally:
+    _PARAM_NAMES.reset(token)
   return _join(outs).params
 
 
@@ -231,19 +250,27 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
     if ops[0].inp:
       _refuse(
         name,
-        'a branch chosen by testing the activations (a hard gate, such as lax.cond(jnp.sum(h) '
-        '> 0, ...)): ReLU and leaky ReLU choose per unit, by the value they pass on',
+        'a branch chosen by testing the input or the activations (a hard gate, such as '
+        'lax.cond(jnp.sum(h) > 0, ...) or lax.switch on them): ReLU and leaky ReLU choose per '
+        'unit, by the value they pass on. A lax.cond or lax.switch on a Python bool or a '
+        'constant is accepted',
       )
     if ops[0].dep:
-      _refuse_of_params(name)
+      _refuse_of_params(name, 'choice', ops[:1])
     outs = [
       _check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']
     ]
-    return [_join(column) for column in zip(*outs)]
+    joined = [_join(column) for column in zip(*outs)]
+    if ops[0].value is None or np.size(ops[0].value) != 1:
+      return joined
+    taken = outs[int(np.clip(np.asarray(ops[0].value).item(), 0, len(outs) - 1))]
+    return [dataclasses.replace(j, params=t.params) for j, t in zip(joined, taken)]
   if is_call:  # jit, custom_jvp, checkpoint, ...: its body, with constants folded too
     body = bodies[0]
     jaxpr, body_consts = (body.jaxpr, body.consts) if hasattr(body, 'consts') else (body, ())
     return _check(jaxpr, [_Kind(value=c) for c in body_consts], ops)
+  if name in _PRODUCTS and any(not k.dep and _known(k, _zero) for k in ops):
+    return [_zeros(eqn)]  # 0 @ w (a zero initial state): no path, whatever w is
   out = _elementary(eqn, name, ops)
   if out.act and out.ident is None or (out.act and name not in _SAME_VALUE):
     out = dataclasses.replace(out, ident=object())  # a new activation
@@ -275,21 +302,27 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
         'quantisation or a step)'
       )
     if joined.of_params and not joined.gate and not to_floats:
-      _refuse_of_params(name)
+      _refuse_of_params(name, 'index', ops)
     data = [k for k in ops if k.dep]
     return data[0] if len(data) == 1 else joined
   if name in _INDEXING:
-    if any(k.inp for k in ops[1:]):
+    data = [k for i, k in enumerate(ops) if i in _INDEXING[name]]
+    indices = [k for i, k in enumerate(ops) if i not in _INDEXING[name]]
+    if any(k.inp for k in indices):
       refuse('indices read from the input (an embedding lookup)')
-    return _join(ops[:1] + ops[len(ops) - 1 :] if name == 'dynamic_update_slice' else ops[:1])
+    if any(k.dep for k in indices):
+      _refuse_of_params(name, 'index', indices)
+    if any(k.gate for k in data):
+      refuse('a step function of the activations used as a value')
+    return _join(data)
   if name in _SUMS:
+    if any(k.gate and k.of_params for k in ops):
+      _refuse_of_params(name, 'step', [k for k in ops if k.gate and k.of_params])
     if any(k.gate for k in ops):
       refuse('a step function of the activations used as a value ((h > 0) or sign(h) added)')
     if name != 'pad' and joined.inp and any(_known_non_finite(k) for k in ops):  # pad: no unit
       refuse('an infinite constant among the activations (a -inf mask before a max)')
     return joined
-  if name == 'sign' and joined.of_params:
-    return joined  # |sign(theta)| = sign(|theta|^p): the same magnitude on the pass
   if name in _COMPARISONS or name == 'sign':
     tested = [k for k in ops if k.dep]
     others = [k for k in ops if not k.dep]
@@ -313,7 +346,14 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   if name == 'select_n':
     predicate, cases = ops[0], ops[1:]
     if predicate.of_params:
-      _refuse_of_params(name)
+      _refuse_of_params(name, 'choice', [predicate])
+    if predicate.gate and not any(k.act for k in cases):  # where(h > 0, 1, 0): a mask
+      sources = {predicate.source} | {k.source for k in cases if k.gate}
+      if any(k.of_params for k in cases):
+        _refuse_of_params(name, 'step', cases)
+      return _Kind(
+        dep=True, inp=predicate.inp, gate=True, source=sources.pop() if len(sources) == 1 else None
+      )
     if any(k.gate for k in cases) or not all(k.dep or _known(k, _zero) for k in cases):
       refuse(
         'a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)'
@@ -327,13 +367,17 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       taken = cases[int(predicate.on_pass)]
       return dataclasses.replace(_join(cases), params=taken.params)
     return _join(cases)
-  if name == 'clamp' and ops[1].gate and not (ops[0].dep or ops[2].dep):
-    return ops[1]  # lax.switch's index, kept in range: still a step function
+  if name == 'clamp' and not (ops[0].dep or ops[2].dep):
+    if ops[1].gate:
+      return ops[1]  # lax.switch's index, kept in range: still a step function
+    if ops[1].act and _known(ops[0], _zero_or_minus_inf) and _known(ops[2], _zero_or_inf):
+      if not (_known(ops[0], _zero) and _known(ops[2], _zero)):
+        return ops[1]  # lax.clamp(0, h, inf): ReLU
   if name in _MAXIMA:
     if joined.gate:
       refuse('a max of a step function')
     if joined.of_params:
-      _refuse_of_params(name)
+      _refuse_of_params(name, 'max', ops)
     return joined
   if name in ('reduce_window', 'reduce'):
     return _reduction(eqn, name, ops)
@@ -344,7 +388,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if acts and gates and gates[0].source is not acts[0].ident:
       refuse('an activation multiplied by a step function of another value (a hard gate)')
     if any(k.gate and k.of_params for k in ops):
-      _refuse_of_params(name)
+      _refuse_of_params(name, 'step', [k for k in ops if k.gate and k.of_params])
     if acts:  # an activation, masked or scaled; by a gate that is 0 on the pass: no path
       closed = any(k.gate and k.on_pass is False for k in ops)
       return _Kind(dep=True, inp=True, params=frozenset() if closed else joined.params)
@@ -368,8 +412,9 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if joined.gate:
       refuse('a max of a step function')
     if joined.of_params:
-      _refuse_of_params(name)
-    if all(k.dep for k in ops) or all(_known(k, _zero_or_infinite) for k in ops if not k.dep):
+      _refuse_of_params(name, 'max', ops)
+    bound = _zero_or_minus_inf if name == 'max' else _zero_or_inf  # ReLU, or -relu(-h)
+    if all(k.dep for k in ops) or all(_known(k, bound) for k in ops if not k.dep):
       return joined
     refuse('a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
   if name in _POWERS:
@@ -398,22 +443,34 @@ def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     _refuse(name, 'a reduction of a step function')
   data = _join(ops[: len(ops) // 2])
   if data.of_params and inner[0] != 'add':
-    _refuse_of_params(name)
+    _refuse_of_params(name, 'max', ops)
   return data
 
 
 def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
-  """A scan's body, checked until the kinds of its carry stop growing."""
+  """A scan's body, checked until the kinds of its carry stop growing: they only grow
+  (joins), so this ends, after as many rounds as a value takes to pass through the carry
+  (a pipeline of depth ``d`` takes ``d``)."""
   body = eqn.params['jaxpr']
   n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
   kinds = list(ops)
-  for _ in range(4):
+  while True:
     outs = _check(body.jaxpr, [_Kind(value=c) for c in body.consts], kinds)
-    carry = [a.join(b) for a, b in zip(kinds[n_consts : n_consts + n_carry], outs[:n_carry])]
+    carry = [_carried(a, b) for a, b in zip(kinds[n_consts : n_consts + n_carry], outs[:n_carry])]
     if [k.flow() for k in carry] == [k.flow() for k in kinds[n_consts : n_consts + n_carry]]:
       return outs
     kinds[n_consts : n_consts + n_carry] = carry
-  return outs
+
+
+def _carried(before: _Kind, after: _Kind) -> _Kind:
+  """A carry's kind over two rounds: a constant that the body keeps (a zero state that
+  stays zero until a value reaches it) keeps its value."""
+  if not (before.dep or after.dep) and before.value is not None and after.value is not None:
+    if np.shape(before.value) == np.shape(after.value) and np.array_equal(
+      before.value, after.value
+    ):
+      return before
+  return before.join(after)
 
 
 def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
@@ -433,6 +490,12 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   except Exception:  # noqa: BLE001  (a primitive that cannot run here: the value is unknown)
     return [None] * n_out
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _zeros(eqn: jex_core.JaxprEqn) -> _Kind:
+  aval = eqn.outvars[0].aval
+  small = np.prod(aval.shape, dtype=int) <= _FOLD_LIMIT
+  return _Kind(value=np.zeros(aval.shape, aval.dtype) if small else None)
 
 
 def _join(kinds: Sequence[_Kind]) -> _Kind:
@@ -457,6 +520,14 @@ def _zero(value: np.ndarray) -> bool:
 
 def _zero_or_infinite(value: np.ndarray) -> bool:
   return np.all((value == 0) | np.isinf(value))
+
+
+def _zero_or_minus_inf(value: np.ndarray) -> bool:
+  return np.all((value == 0) | (value == -np.inf))
+
+
+def _zero_or_inf(value: np.ndarray) -> bool:
+  return np.all((value == 0) | (value == np.inf))
 
 
 def _known_non_finite(kind: _Kind) -> bool:
@@ -505,17 +576,31 @@ def _logical_on_pass(name: str, ops: list[_Kind]) -> bool | None:
   return None if combine is None else bool(combine(values))
 
 
-def _refuse_of_params(name: str) -> None:
+#: What ``_refuse_of_params`` says was made from the parameters' values.
+_OF_PARAMS = {
+  'choice': 'a branch chosen by testing them (jnp.where(a > 0, h, 0), lax.cond(a > 0, ...))',
+  'max': (
+    'a max or min of them (a non-negative kernel relu(w), a clip of the weights; softplus '
+    'and logaddexp compute one inside)'
+  ),
+  'step': 'a step function of them (a learned mask such as h * (scores > 0))',
+  'index': 'integers or indices computed from them',
+}
+
+
+def _refuse_of_params(name: str, what: str, kinds: Sequence[_Kind]) -> None:
+  names = _PARAM_NAMES.get()
+  involved = sorted(set().union(*(k.params for k in kinds)))
+  which = ', '.join(names[i] for i in involved) if names and involved else 'the parameters'
   raise ValueError(
-    f'apply_fn applies {name} to the values of the parameters (a choice such as '
-    'jnp.where(a > 0, h, 0) or lax.cond(a > 0, ...), a max or min such as a non-negative '
-    'kernel relu(w) or a clip of the weights, a mask such as h * (scores > 0), indices '
-    'cast from the weights). On the |theta|^p pass every parameter is non-negative, so '
-    'where one is negative the pass would take another branch, count edges that are off '
-    'or read other indices, and the path scales would be those of another network. Make the choice outside apply_fn (a Python bool or a '
-    'constant), or keep the constraint out of the forward pass: e.g. project the params '
-    'after each step with optax.projections.projection_non_negative rather than apply '
-    'relu(w) inside apply_fn.'
+    f'apply_fn applies {name} to values of {which}: {_OF_PARAMS[what]}. On the |theta|^p '
+    'pass every parameter is non-negative, so where one is negative the pass would take '
+    'another branch, count edges that are off or read other indices, and the path '
+    'scales would be those of another network. Make the choice outside apply_fn (a Python '
+    'bool or a constant), or keep the constraint out of the forward pass: for a '
+    "non-negative kernel, apply it to that leaf after each step (params['w'] = "
+    "optax.projections.projection_non_negative(params['w']) after optax.apply_updates) "
+    'rather than relu(w) inside apply_fn.'
   )
 
 

@@ -148,12 +148,13 @@ def path_normalize(
   Chained with ``optax.sgd`` this is Path-SGD, steepest descent in a geometry that is
   invariant to rescaling the units of a ReLU network (Theorem 4.1).
 
-  ``params`` must be the params of a ReLU MLP: dense layers, each a node with a 2-D
-  ``kernel`` ``(in, out)`` and an optional ``bias`` ``(out,)`` (Flax Linen
-  ``Dense_0``..., names of one's own, ``layers_0``..., NNX ``nnx.Linear`` states and
-  ``nnx.List`` items), ordered by key path with numbers compared as numbers, or as
-  listed in ``layers``. Route any other leaves elsewhere with ``optax.partition`` or
-  ``optax.masked``.
+  MLP mode (no ``apply_fn``): ``params`` must be the params of a ReLU MLP: dense
+  layers, each a node with a 2-D ``kernel`` ``(in, out)`` and an optional ``bias``
+  ``(out,)`` (Flax Linen ``Dense_0``..., names of one's own, ``layers_0``..., NNX
+  ``nnx.Linear`` states and ``nnx.List`` items), ordered by key path with numbers
+  compared as numbers, or as listed in ``layers``. Route any other leaves elsewhere with
+  ``optax.partition`` or ``optax.masked``. (In the general mode ``apply_fn`` needs every
+  leaf it reads: mask only leaves it does not use.)
 
   Speed: the state keeps the scales per unit (``PathNormalizeState``, a few vectors).
   Each update warm-starts from them: one fused read of each kernel per pass, checked,
