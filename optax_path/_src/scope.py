@@ -370,9 +370,9 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   if name == 'clamp' and not (ops[0].dep or ops[2].dep):
     if ops[1].gate:
       return ops[1]  # lax.switch's index, kept in range: still a step function
-    if ops[1].act and _known(ops[0], _zero_or_minus_inf) and _known(ops[2], _zero_or_inf):
-      if not (_known(ops[0], _zero) and _known(ops[2], _zero)):
-        return ops[1]  # lax.clamp(0, h, inf): ReLU
+    relu_like = _known(ops[0], _zero_or_minus_inf) and _known(ops[2], _zero_or_inf)
+    if ops[1].act and relu_like and not (_known(ops[0], _zero) and _known(ops[2], _zero)):
+      return ops[1]  # lax.clamp(0, h, inf): ReLU
   if name in _MAXIMA:
     if joined.gate:
       refuse('a max of a step function')
@@ -465,12 +465,14 @@ def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
 def _carried(before: _Kind, after: _Kind) -> _Kind:
   """A carry's kind over two rounds: a constant that the body keeps (a zero state that
   stays zero until a value reaches it) keeps its value."""
-  if not (before.dep or after.dep) and before.value is not None and after.value is not None:
-    if np.shape(before.value) == np.shape(after.value) and np.array_equal(
-      before.value, after.value
-    ):
-      return before
-  return before.join(after)
+  kept = (
+    not (before.dep or after.dep)
+    and before.value is not None
+    and after.value is not None
+    and np.shape(before.value) == np.shape(after.value)
+    and np.array_equal(before.value, after.value)
+  )
+  return before if kept else before.join(after)
 
 
 def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
