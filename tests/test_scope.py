@@ -615,3 +615,21 @@ def test_params_only_in_the_branch_a_fixed_flag_never_takes_are_named():
 
 
 USE_FIRST = jnp.asarray(True)
+
+
+def test_a_use_under_stop_gradient_still_counts_in_the_scales():
+  """The scales are the gradient of the pass, which stop_gradient cut: w1 used twice,
+  once under stop_gradient, got the scales of one use (4.0 where eq. 9 gives 8.0 with
+  both, p = 2), while path_norm counted both. Expected: the same net without it."""
+
+  def twice(stop):
+    def apply_fn(q, x):
+      w1 = jax.lax.stop_gradient(q['w1']) if stop else q['w1']
+      return two_layers(q, x) + jax.nn.relu(x @ w1 + q['b1']) @ q['w2']
+
+    return apply_fn
+
+  got = optax_path.path_scales(PARAMS, apply_fn=twice(True), input_shape=(2,))
+  want = optax_path.path_scales(PARAMS, apply_fn=twice(False), input_shape=(2,))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -29,6 +29,9 @@ operand depends on the params or the input (an *activation*):
 - ``pad`` of an activation with ``-inf`` or ``+inf`` (a max or min pool's explicit
   padding, as in ``jnp.pad(h, ..., constant_values=-jnp.inf)``) -> pad with 0.
 
+- ``stop_gradient`` -> the identity: the scales are a gradient of the pass, and eq. 9
+  counts the paths through a weight in every use, also one the loss does not
+  differentiate.
 - ``sub`` of activations -> ``add``, ``neg`` -> the identity, and in ``add``,
   ``sub``, ``mul``, ``div``, ``dot_general`` and ``conv_general_dilated`` with an
   activation, a constant operand -> its absolute value: a fixed weight ``c`` (an input
@@ -172,7 +175,7 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'pass_on' if dependent == [False, True, False] else None
   if name == 'sub':
     return 'add_magnitudes'
-  if name == 'neg':
+  if name in ('neg', 'stop_gradient'):
     return 'identity'
   if name in _WEIGHTED and not all(dependent):
     return 'constant_magnitudes'
