@@ -633,3 +633,106 @@ def test_a_use_under_stop_gradient_still_counts_in_the_scales():
   want = optax_path.path_scales(PARAMS, apply_fn=twice(False), input_shape=(2,))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ------------------------------------------------- a second breaker's cases (carries)
+
+
+def test_a_constant_initial_carry_enters_the_pass_as_its_magnitude():
+  """h0 = -1 (a constant), h = relu(h @ wh + x_t @ wx), two steps: the scan passed -1 on
+  and its relu cut the paths from it (phi_1 0.9 for 2.58 in the breaker's net, wh's scale
+  0). Expected, p = 1: |-1| wh^2 wo + wx wh wo + wx wo, and the Python loop's value."""
+  q = {k: v for k, v in RNN.items()}
+  step = lambda q, h, xt: jax.nn.relu(h @ q['wh'] + xt[:, None] @ q['wx'])
+  minus_one = lambda x: -jnp.ones((x.shape[0], 1))
+  scanned, looped = scan_and_loop(step, minus_one, 2)
+  want = 0.75 * (1.0 * 0.5**2 + 1.5 * 0.5 + 1.5)
+  for apply_fn in (scanned, looped):
+    np.testing.assert_allclose(
+      optax_path.path_norm(q, 1.0, apply_fn=apply_fn, input_shape=(2,)), want, rtol=1e-6
+    )
+
+
+def counter_scan(body):
+  """A scan whose carry holds a counter t = 0, 1, 2 beside the state h."""
+
+  def apply_fn(q, x):
+    def step(carry, xt):
+      t, h = carry
+      return (t + 1.0, body(q, t, h, xt[:, None] @ q['wx'])), None
+
+    h0 = jnp.zeros((x.shape[0], 1))
+    (_, h), _ = jax.lax.scan(step, (jnp.zeros(()), h0), jnp.swapaxes(x, 0, 1))
+    return h @ q['wo']
+
+  return apply_fn
+
+
+def test_a_counter_in_the_carry_is_checked_in_every_round_and_carries_are_units():
+  """The fixed point compared kinds, not values, so the body was checked only with t = 0:
+  h + (t u) u (a product of activations), where(u > t, u, 0) (a threshold) and
+  tanh(t u) got through, and h + t u was refused ('on no path'). Two carries were one
+  unit to the check, so where(a > 0, b, 0) between them got through as a ReLU."""
+  q = {'wx': RNN['wx'], 'wo': RNN['wo']}
+  weighted = counter_scan(lambda q, t, h, u: h + t * u)
+  want = (0 + 1 + 2) * 1.5 * 0.75  # x_t reaches the output with weight t |wx| |wo|
+  np.testing.assert_allclose(
+    optax_path.path_norm(q, 1.0, apply_fn=weighted, input_shape=(3,)), want, rtol=1e-6
+  )
+  optax_path.path_normalize(apply_fn=weighted, input_shape=(3,)).init(q)
+  for body, pattern in (
+    (lambda q, t, h, u: h + (t * u) * u, 'product of two activations'),
+    (lambda q, t, h, u: h + jnp.where(u > t, u, 0.0), 'comparison of activations with a constant'),
+    (lambda q, t, h, u: h + jnp.tanh(t * u), 'not positively homogeneous'),
+  ):
+    with pytest.raises(ValueError, match=pattern):
+      optax_path.path_normalize(apply_fn=counter_scan(body), input_shape=(3,)).init(q)
+
+  def two_carries(q, x):
+    def step(carry, xt):
+      a, b = carry
+      u = xt[:, None] @ q['wx']
+      return (jax.nn.relu(u), jnp.where(a > 0, b + u, 0.0)), None
+
+    zeros = jnp.zeros((x.shape[0], 1))
+    (_, b), _ = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(x, 0, 1))
+    return b @ q['wo']
+
+  with pytest.raises(ValueError, match='testing another value'):
+    optax_path.path_normalize(apply_fn=two_carries, input_shape=(3,)).init(q)
+  halves = lambda h: jnp.where(jnp.split(h, [1], axis=-1)[0] > 0, h, 0.0)  # unit 0 gates all
+  with pytest.raises(ValueError, match='testing another value'):
+    optax_path.path_scales(PARAMS, apply_fn=middle(halves), input_shape=(2,))
+
+
+def test_masks_and_placed_constants_that_would_cut_or_negate_paths_are_refused():
+  """h * where(h < 0, 1, 0) (= min(h, 0)) gave phi 0 and zero updates; h * where(h > 0,
+  -1, 0) (= -relu(h)) and h.at[i].set(-3) gave NaN. A constant added by scatter-add
+  enters as |c|, as a plain + c does (NaN before)."""
+  for act in (
+    lambda h: h * jnp.where(h < 0, 1.0, 0.0),
+    lambda h: h * jnp.where(h > 0, -1.0, 0.0),
+  ):
+    with pytest.raises(ValueError, match='mask of constants that is not positive'):
+      optax_path.path_scales(PARAMS, apply_fn=middle(act), input_shape=(2,))
+  for act in (
+    lambda h: jax.nn.relu(h).at[:, 1].set(-3.0),
+    lambda h: jax.lax.dynamic_update_slice(jax.nn.relu(h), jnp.full((1, 1), -3.0), (0, 1)),
+  ):
+    with pytest.raises(ValueError, match='constant other than 0 put in place'):
+      optax_path.path_scales(PARAMS, apply_fn=middle(act), input_shape=(2,))
+  added = middle(lambda h: jax.nn.relu(h).at[:, 1].add(-3.0))
+  plain = middle(lambda h: jax.nn.relu(h) + jnp.array([0.0, -3.0, 0.0]))
+  for p in (1.0, 2.0):
+    got = optax_path.path_norm(PARAMS, p, apply_fn=added, input_shape=(2,))
+    np.testing.assert_allclose(
+      got, optax_path.path_norm(PARAMS, p, apply_fn=plain, input_shape=(2,)), rtol=1e-6
+    )
+    assert np.isfinite(float(got))
+  stacked = middle(lambda h: jnp.stack([jax.nn.relu(h), jax.nn.relu(h)]).sum(0))
+  summed = middle(lambda h: jax.nn.relu(h) + jax.nn.relu(h))
+  np.testing.assert_allclose(
+    optax_path.path_norm(PARAMS, 1.0, apply_fn=stacked, input_shape=(2,)),
+    optax_path.path_norm(PARAMS, 1.0, apply_fn=summed, input_shape=(2,)),
+    rtol=1e-6,
+  )

@@ -78,6 +78,13 @@ SELECTS_BY_VALUE = frozenset(
 )
 #: Linear in each operand: on the pass, a constant operand enters as its absolute value.
 _WEIGHTED = frozenset({'add', 'add_any', 'mul', 'div', 'dot_general', 'conv_general_dilated'})
+#: Primitives that place or add entries: which operands are data (the rest, indices).
+_PLACING = {
+  'scatter': (0, 2),
+  'scatter-add': (0, 2),
+  'scatter_add': (0, 2),
+  'dynamic_update_slice': (0, 1),
+}
 _CALLS = {  # call-like primitives: the parameter holding the body, which takes all invars
   'jit': 'jaxpr',
   'pjit': 'jaxpr',
@@ -185,6 +192,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
+  if name in _PLACING and any(dependent[i] for i in _PLACING[name]):
+    return 'constant_magnitudes' if not all(dependent[i] for i in _PLACING[name]) else None
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
@@ -198,9 +207,10 @@ def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   if name == 'cond':
     branches = eqn.params['branches']
     return 'cond' if any(_rewrites(b.jaxpr, dependent[1:]) for b in branches) else None
-  if name == 'scan':
-    body = eqn.params['jaxpr'].jaxpr
-    return 'scan' if _rewrites(body, _scan_body_flags(eqn, dependent)) else None
+  if name == 'scan':  # rewritten, also where a constant initial carry must enter as |c|
+    inner = _scan_body_flags(eqn, dependent)
+    constant_init = any(i and not d for i, d in zip(inner, dependent))
+    return 'scan' if constant_init or _rewrites(eqn.params['jaxpr'].jaxpr, inner) else None
   for body in _params_jaxprs(eqn.params):
     jaxpr, _ = _open(body)
     if len(jaxpr.invars) == len(dependent):
@@ -295,7 +305,11 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(a, b)]
   if rule == 'constant_magnitudes':
     bind_params = eqn.primitive.get_bind_params(params)
-    out = eqn.primitive.bind(*_constant_magnitudes(values, flags), **bind_params)
+    data = _PLACING.get(name, range(len(values)))  # not the indices of a scatter
+    magnitudes = [
+      jnp.abs(v) if i in data and not f else v for i, (v, f) in enumerate(zip(values, flags))
+    ]
+    out = eqn.primitive.bind(*magnitudes, **bind_params)
     return out if eqn.primitive.multiple_results else [out]
   if rule == 'window_sum':
     if len(values) != 2:
@@ -308,7 +322,7 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.reduce_window_sum_p.bind(values[0], **window)]
   if rule == 'pad_finite':
     value = jnp.asarray(values[1], jnp.result_type(values[0]))
-    value = jnp.where(jnp.isinf(value), jnp.zeros_like(value), value)
+    value = jnp.where(jnp.isinf(value), jnp.zeros_like(value), jnp.abs(value))
     return [lax.pad(values[0], value, params['padding_config'])]
   if rule == 'inline':
     body, consts = _open(params[_CALLS[name]])
@@ -339,6 +353,8 @@ def _scan(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[
   """``scan`` with its body evaluated with the substitutions, in every round."""
   body = eqn.params['jaxpr']
   inner = _scan_body_flags(eqn, flags)
+  # a constant initial carry that the body turns into an activation enters as |c|
+  values = [jnp.abs(v) if i and not f else v for v, f, i in zip(values, flags, inner)]
   avals = [v.aval for v in body.jaxpr.invars]
   rewritten = jax.make_jaxpr(lambda *xs: _eval(body.jaxpr, body.consts, xs, inner))(*avals)
   params = dict(eqn.params, jaxpr=rewritten)

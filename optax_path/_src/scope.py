@@ -87,6 +87,7 @@ _STRUCTURAL = frozenset(
     'neg',
     'abs',
     'stop_gradient',
+    'unstack',
   }
 )
 #: Sums of their operands (a step function or a non-finite constant must not enter).
@@ -96,6 +97,7 @@ _SUMS = frozenset(
     'add_any',
     'sub',
     'concatenate',
+    'stack',
     'pad',
     'reduce_sum',
     'reduce_window_sum',
@@ -160,8 +162,9 @@ class _Kind:
     )
 
   def flow(self) -> tuple:
-    """What a scan's carry must agree on between two rounds."""
-    return self.dep, self.inp, self.gate, self.params
+    """What a scan's carry must agree on between two rounds (a constant whose value
+    changes, a counter, is checked again as an unknown constant)."""
+    return self.dep, self.inp, self.gate, self.params, self.value is None
 
 
 _CONST = _Kind()
@@ -260,7 +263,7 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
     outs = [
       _check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']
     ]
-    joined = [_join(column) for column in zip(*outs)]
+    joined = [_identified(_join(column), object()) for column in zip(*outs)]
     if ops[0].value is None or np.size(ops[0].value) != 1:
       return joined
     taken = outs[int(np.clip(np.asarray(ops[0].value).item(), 0, len(outs) - 1))]
@@ -274,6 +277,8 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   out = _elementary(eqn, name, ops)
   if out.act and out.ident is None or (out.act and name not in _SAME_VALUE):
     out = dataclasses.replace(out, ident=object())  # a new activation
+  if out.act and n_out > 1:  # split, unstack: each piece is an activation of its own
+    return [dataclasses.replace(out, ident=object()) for _ in range(n_out)]
   return [out] * n_out
 
 
@@ -314,6 +319,9 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       _refuse_of_params(name, 'index', indices)
     if any(k.gate for k in data):
       refuse('a step function of the activations used as a value')
+    placed = name in ('scatter', 'dynamic_update_slice')  # sets entries, rather than adds
+    if placed and any(k.inp for k in data) and not all(k.dep or _known(k, _zero) for k in data):
+      refuse('a constant other than 0 put in place of activations (h.at[i].set(c), a mask)')
     return _join(data)
   if name in _SUMS:
     if any(k.gate and k.of_params for k in ops):
@@ -351,6 +359,13 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       sources = {predicate.source} | {k.source for k in cases if k.gate}
       if any(k.of_params for k in cases):
         _refuse_of_params(name, 'step', cases)
+      taken = cases[int(predicate.on_pass)] if predicate.on_pass is not None else None
+      if predicate.inp and not (taken is not None and _known(taken, _positive)):
+        refuse(
+          'a mask of constants that is not positive where the tested value is (h * jnp.where(h '
+          '< 0, 1, 0), h * jnp.where(h > 0, -1, 0)): on the pass every unit is positive, so the '
+          'mask would cut or negate its paths. Write jnp.minimum(h, 0) or -jax.nn.relu(h)'
+        )
       return _Kind(
         dep=True, inp=predicate.inp, gate=True, source=sources.pop() if len(sources) == 1 else None
       )
@@ -358,7 +373,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       refuse(
         'a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)'
       )
-    if predicate.inp and predicate.source not in {k.ident for k in cases if k.act}:
+    tested = predicate.source is not None and predicate.source in {k.ident for k in cases if k.act}
+    if predicate.inp and not tested:
       refuse(
         'a choice between activations made by testing another value (a hard gate, or a '
         'threshold such as h - 1 > 0): ReLU and leaky ReLU test the value they pass on'
@@ -385,7 +401,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if sum(k.act for k in ops) > 1:
       refuse('a product of two activations (attention, gating, x * x)')
     acts, gates = [k for k in ops if k.act], [k for k in ops if k.gate and k.inp]
-    if acts and gates and gates[0].source is not acts[0].ident:
+    if acts and gates and (gates[0].source is None or gates[0].source is not acts[0].ident):
       refuse('an activation multiplied by a step function of another value (a hard gate)')
     if any(k.gate and k.of_params for k in ops):
       _refuse_of_params(name, 'step', [k for k in ops if k.gate and k.of_params])
@@ -454,12 +470,19 @@ def _scan_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   body = eqn.params['jaxpr']
   n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
   kinds = list(ops)
+  idents = [object() for _ in range(n_carry)]  # each carry is its own activation
   while True:
     outs = _check(body.jaxpr, [_Kind(value=c) for c in body.consts], kinds)
     carry = [_carried(a, b) for a, b in zip(kinds[n_consts : n_consts + n_carry], outs[:n_carry])]
+    carry = [_identified(k, i) for k, i in zip(carry, idents)]
     if [k.flow() for k in carry] == [k.flow() for k in kinds[n_consts : n_consts + n_carry]]:
       return outs
     kinds[n_consts : n_consts + n_carry] = carry
+
+
+def _identified(kind: _Kind, ident: Any) -> _Kind:
+  """``kind``, named ``ident`` if it is an activation that a join left unnamed."""
+  return dataclasses.replace(kind, ident=ident) if kind.act and kind.ident is None else kind
 
 
 def _carried(before: _Kind, after: _Kind) -> _Kind:
@@ -522,6 +545,10 @@ def _zero(value: np.ndarray) -> bool:
 
 def _zero_or_infinite(value: np.ndarray) -> bool:
   return np.all((value == 0) | np.isinf(value))
+
+
+def _positive(value: np.ndarray) -> bool:
+  return np.all(value > 0)
 
 
 def _zero_or_minus_inf(value: np.ndarray) -> bool:
