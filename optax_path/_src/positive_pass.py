@@ -79,7 +79,7 @@ SELECTS_BY_VALUE = frozenset(
 #: Linear in each operand: on the pass, a constant operand enters as its absolute value.
 _WEIGHTED = frozenset({'add', 'add_any', 'mul', 'div', 'dot_general', 'conv_general_dilated'})
 #: Primitives that place or add entries: which operands are data (the rest, indices).
-_PLACING = {
+PLACING = {
   'scatter': (0, 2),
   'scatter-add': (0, 2),
   'scatter_add': (0, 2),
@@ -192,8 +192,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
-  if name in _PLACING and any(dependent[i] for i in _PLACING[name]):
-    return 'constant_magnitudes' if not all(dependent[i] for i in _PLACING[name]) else None
+  if name in PLACING and any(dependent[i] for i in PLACING[name]):
+    return 'constant_magnitudes' if not all(dependent[i] for i in PLACING[name]) else None
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
@@ -305,7 +305,7 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(a, b)]
   if rule == 'constant_magnitudes':
     bind_params = eqn.primitive.get_bind_params(params)
-    data = _PLACING.get(name, range(len(values)))  # not the indices of a scatter
+    data = PLACING.get(name, range(len(values)))  # not the indices of a scatter
     magnitudes = [
       jnp.abs(v) if i in data and not f else v for i, (v, f) in enumerate(zip(values, flags))
     ]
