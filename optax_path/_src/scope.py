@@ -108,7 +108,6 @@ _SUMS = frozenset(
 )
 #: Maxima, rewritten as sums on the pass (positive_pass).
 _MAXIMA = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_max', 'reduce_min'})
-#: Indexing: the operands after the first are indices, which must not come from the input.
 #: Indexing: which operands are data (the rest are indices, which must not come from the
 #: input or the params): the output takes each entry from one data entry, or sums some.
 _INDEXING = {'gather': (0,), 'dynamic_slice': (0,), **positive_pass.PLACING}
