@@ -7,7 +7,10 @@ input-to-output path), written here and not taken from the library.
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import linecache
+import re
 
 import flax.linen as nn
 import jax
@@ -86,6 +89,28 @@ def test_a_network_outside_path_sgd_is_refused_with_the_primitive_named(middle):
     with pytest.raises(ValueError, match=pattern) as raised:
       call()
     assert 'Theorem 4.1' in str(raised.value) and 'another optimizer' in str(raised.value)
+    assert MIDDLE_LINE[middle] in named_line(str(raised.value), 'Net.__call__')
+
+
+MIDDLE_LINE = {  # the text of the line in Net.__call__ that each refusal must name
+  'layer_norm': 'nn.LayerNorm()(h)',
+  'layer_norm_no_params': 'use_scale=False',
+  'rms_norm': 'nn.RMSNorm()',
+  'group_norm': 'nn.GroupNorm(',
+  'batch_norm_training': 'nn.BatchNorm(',
+  'weight_norm': 'nn.WeightNorm(',
+  'attention': 'nn.MultiHeadDotProductAttention(',
+  'gating': 'nn.relu(h) * h',
+  **{name: 'getattr(jax.nn, self.middle)(h)' for name in ('gelu', 'tanh', 'sigmoid', 'swish')},
+  **{name: 'getattr(jax.nn, self.middle)(h)' for name in ('softmax', 'relu6')},
+}
+
+
+def named_line(message: str, function: str) -> str:
+  """The source line of this file that a refusal names, in ``function``."""
+  found = re.search(rf'The line of apply_fn: {re.escape(__file__)}:(\d+), in {function}\.', message)
+  assert found, message
+  return linecache.getline(__file__, int(found[1]))
 
 
 def test_in_scope_activations_and_a_batch_norm_with_running_averages_are_accepted():
@@ -366,6 +391,10 @@ OF_PARAMS = {  # name: (network, the leaf the message must name)
     lambda q, h: jax.nn.relu(h) * jnp.where(q['scores'] > 0, q['scores'], 0.1 * q['scores']),
     'scores',
   ),
+  'a softplus of the weights (a max inside)': (
+    lambda q, h: jax.nn.relu(h) * jax.nn.softplus(q['scores']),
+    'scores',
+  ),
   'a max of the weights': (lambda q, h: jax.nn.relu(h) * jnp.max(q['scores']), 'scores'),
   'indices from the weights': (
     lambda q, h: jax.nn.relu(h)[:, q['scores'].astype(jnp.int32) % 3],
@@ -414,6 +443,8 @@ def test_choices_maxima_and_masks_of_the_parameters_are_refused_by_name(name):
     with pytest.raises(ValueError, match=rf'applies \S+ to values of {leaf}: ') as raised:
       call()
     assert 'projection_non_negative' in str(raised.value)
+    lines, _ = inspect.getsourcelines(act)  # the refusal names a line of ``act``
+    assert named_line(str(raised.value), '<lambda>') in lines
 
 
 def test_sums_and_magnitudes_of_parameters_are_parallel_edges_of_the_same_graph():

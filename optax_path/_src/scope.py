@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import os
+import sysconfig
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,7 +202,8 @@ def check(
 
   Raises:
     ValueError: naming the first primitive, in the order of the trace, that makes the
-      network other than a ReLU network (see the module docstring), and what to do.
+      network other than a ReLU network (see the module docstring), the line of
+      ``apply_fn`` that applies it, and what to do.
   """
   jaxpr = closed_jaxpr.jaxpr
   n_params = len(jaxpr.invars) - 1
@@ -227,9 +230,43 @@ def _check(jaxpr: jex_core.Jaxpr, consts: Sequence[_Kind], kinds: Sequence[_Kind
 
   for eqn in jaxpr.eqns:
     operands = [read(v) for v in eqn.invars]
-    outs = _eqn_kinds(eqn, operands)
+    try:
+      outs = _eqn_kinds(eqn, operands)
+    except _OutOfScope:
+      raise
+    except ValueError as error:
+      where = _source_line(eqn)
+      if where is None:  # inside a jit or custom_jvp of jax's own: the caller's line says
+        raise
+      raise _OutOfScope(f'{error} (The line of apply_fn: {where}.)') from None
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+class _OutOfScope(ValueError):
+  """A refusal that already names the line of ``apply_fn`` it comes from."""
+
+
+def _source_line(eqn: jex_core.JaxprEqn) -> str | None:
+  """``file:line (function)`` of the code that traced ``eqn``: the innermost frame
+  outside the installed libraries (Flax's ``Dense``, ``LayerNorm``) and this package,
+  so that a refusal points at the line of the model that called them."""
+  try:
+    from jax._src import source_info_util  # no public API gives an equation's source
+
+    frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+  except Exception:  # noqa: BLE001 (a JAX without it: the message goes without the line)
+    return None
+  own = [f for f in frames if not f.file_name.startswith(_LIBRARY_DIRS)] or frames
+  if not own:
+    return None
+  return f'{own[0].file_name}:{own[0].start_line}, in {own[0].function_name}'
+
+
+_LIBRARY_DIRS = tuple(
+  {sysconfig.get_paths()[key] for key in ('purelib', 'platlib')}
+  | {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+)
 
 
 def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
