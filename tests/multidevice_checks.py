@@ -167,8 +167,12 @@ def mse(model, params, x, y):
 
 @pytest.mark.parametrize(
   'axis_type, method',
-  [('Explicit', 'path_sgd'), ('Auto', 'path_sgd'), ('Explicit', 'path_adam'),
-   ('Explicit', 'path_sgd_refresh3')],
+  [
+    ('Explicit', 'path_sgd'),
+    ('Auto', 'path_sgd'),
+    ('Explicit', 'path_adam'),
+    ('Explicit', 'path_sgd_refresh3'),
+  ],
 )
 def test_explicit_and_auto_axes_train_like_one_device(axis_type, method):
   """MLP and general mode: init, 3 jitted steps, path_norm, path_scales, on a (4, 2) mesh
@@ -208,7 +212,56 @@ def test_explicit_and_auto_axes_train_like_one_device(axis_type, method):
       hlo = jax.jit(tx.update).lower(sharded, tx.init(sharded), sharded).compile().as_text()
       gathered = [
         re.search(r'= \w+\[([\d,]*)\]', line).group(1)
-        for line in hlo.splitlines() if ' all-gather(' in line
+        for line in hlo.splitlines()
+        if ' all-gather(' in line
       ]  # a vector (a layer's units, or the batch-1 pass's activations) at most
       assert all(sum(int(d) > 1 for d in dims.split(',') if d) <= 1 for dims in gathered), (
-        mode_name, gathered)
+        mode_name,
+        gathered,
+      )
+
+
+LAYOUTS = {  # kernel, bias
+  'outputs over model': (P(None, 'model'), P('model')),
+  'FSDP: first axis over data': (P('data', None), P('data')),
+  'inputs over model': (P('model', None), P('model')),
+  '2-D, biases over data': (P('data', 'model'), P('data')),
+}
+
+
+def assert_same_values_and_shardings(got, expected, like):
+  assert_close(got, expected)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(like), strict=True):
+    assert g.sharding.is_equivalent_to(w.sharding, w.ndim), (g.sharding, w.sharding)
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_every_layout_and_the_rescalings_under_explicit_axes(layout):
+  """MLP mode, leaves split by ``layout`` over Explicit axes: the update, path_norm,
+  path_scales (eager and jitted), rebalance, unbalance and rescale equal one device's and
+  keep the params' shardings. Before, a bias split like its kernel's inputs (FSDP) made
+  every one of them raise ShardingTypeError, rebalance and unbalance raised under every
+  layout, and path_scales came back whole on every device."""
+  kernel_spec, bias_spec = LAYOUTS[layout]
+  m = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  _, _, params, _, _ = problem('mlp')
+  grads = jax.tree.map(lambda w: jnp.cos(3 * w), params)
+  tx = optax_path.path_sgd(0.1, momentum=0.9)
+  calls = {
+    'update': lambda q, g: jax.jit(tx.update)(g, tx.init(q), q)[0],
+    'path_scales': lambda q, g: optax_path.path_scales(q),
+    'jitted path_scales': lambda q, g: jax.jit(optax_path.path_scales)(q),
+    'rebalance': lambda q, g: optax_path.rebalance(q),
+    'unbalance': lambda q, g: optax_path.unbalance(jax.random.key(1), q, 6, scheme='stress'),
+    'rescale': lambda q, g: optax_path.rescale(q, 1, 3, 7.0),
+  }
+  expected = {name: call(params, grads) for name, call in calls.items()}
+  with jax.set_mesh(m):
+    split = lambda w: NamedSharding(m, kernel_spec if w.ndim == 2 else bias_spec)
+    sharded, grads = (jax.device_put(t, jax.tree.map(split, t)) for t in (params, grads))
+    for name, call in calls.items():
+      assert_same_values_and_shardings(call(sharded, grads), expected[name], sharded)
+    np.testing.assert_allclose(optax_path.path_norm(sharded), optax_path.path_norm(params), 1e-6)
+  # Without jax.set_mesh: the arrays carry their mesh (this raised for a bare P() before).
+  np.testing.assert_allclose(optax_path.path_norm(sharded), optax_path.path_norm(params), 1e-6)
+  assert_same_values_and_shardings(calls['update'](sharded, grads), expected['update'], sharded)

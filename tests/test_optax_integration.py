@@ -160,8 +160,10 @@ def test_path_adagrad_is_the_chain_and_schedules_work():
 def _mlp():
   rng = np.random.default_rng(0)
   return {
-    f'Dense_{l}': {'kernel': jnp.asarray(rng.normal(size=(a, b)), jnp.float32),
-                   'bias': jnp.asarray(rng.normal(size=b), jnp.float32)}
+    f'Dense_{l}': {
+      'kernel': jnp.asarray(rng.normal(size=(a, b)), jnp.float32),
+      'bias': jnp.asarray(rng.normal(size=b), jnp.float32),
+    }
     for l, (a, b) in enumerate([(3, 4), (4, 2)])
   }
 
@@ -185,6 +187,50 @@ def test_reduce_on_plateau_receives_the_loss(where):
   assert float(scale) < 1.0
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(first)):
     np.testing.assert_allclose(a, float(scale) * b, rtol=1e-6)
+
+
+def test_eager_updates_take_extra_arguments_that_are_not_arrays():
+  """L-BFGS's ``value_fn`` (a function), called eagerly as Optax's L-BFGS docs do: it
+  raised TypeError (the eager update compiled it as an array). The result is L-BFGS's
+  on the path-normalized gradient, as under jit."""
+  params = _mlp()
+  value_fn = lambda q: sum(jnp.sum(jnp.sin(w) ** 2) for w in jax.tree.leaves(q))
+  value, grads = jax.value_and_grad(value_fn)(params)
+  tx = optax.chain(optax_path.path_normalize(), optax.lbfgs())
+  extra = {'value': value, 'grad': grads, 'value_fn': value_fn}
+  updates, _ = tx.update(grads, tx.init(params), params, **extra)
+  normalized = jax.tree.map(jnp.divide, grads, optax_path.path_scales(params))
+  lbfgs = optax.lbfgs()
+  expected, _ = lbfgs.update(normalized, lbfgs.init(params), params, **extra)
+  jitted, _ = jax.jit(lambda g, s, q, v: tx.update(g, s, q, value=v, grad=g, value_fn=value_fn))(
+    grads, tx.init(params), params, value
+  )
+  for a, b, c in zip(*map(jax.tree.leaves, (updates, expected, jitted)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(a, c, rtol=2e-5, atol=1e-7)
+  for make in (
+    lambda: optax_path.path_sgd(0.1),
+    lambda: optax_path.path_adam(0.1),
+    lambda: optax_path.path_normalize(
+      apply_fn=lambda q, x: MODEL.apply({'params': q}, x), input_shape=(4,)
+    ),
+  ):  # a string extra argument, eagerly: accepted and ignored
+    tx = make()
+    plain, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    tagged, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, mode='train')
+    for a, b in zip(jax.tree.leaves(tagged), jax.tree.leaves(plain), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_path_geometry_around_lbfgs_says_that_lbfgs_reads_params():
+  """L-BFGS differences the params; inside path_geometry it gets None, and said so only
+  through a pytree structure error of optax's."""
+  params = _mlp()
+  tx = optax_path.path_geometry(optax.lbfgs())
+  with pytest.raises(ValueError, match='calls inner.update with params=None'):
+    tx.update(
+      params, tx.init(params), params, value=jnp.array(1.0), grad=params, value_fn=lambda q: 1.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -213,7 +259,9 @@ def test_tree_get_count_finds_the_inner_optimizers_count(make, count):
 def test_path_geometry_with_an_inner_that_reads_params_says_why():
   params = _mlp()
   tx = optax_path.path_geometry(optax.adamw(1e-3))
-  with pytest.raises(ValueError, match='params=None, by design.*breaks the rescaling invariance.*path_norm'):
+  with pytest.raises(
+    ValueError, match='params=None, by design.*breaks the rescaling invariance.*path_norm'
+  ):
     tx.update(params, tx.init(params), params)
 
 

@@ -143,7 +143,7 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
 INNER_READS_PARAMS_MSG = (
   'path_geometry calls inner.update with params=None, by design, and inner needs params. '
   "An inner that reads the params (optax.adamw's and add_decayed_weights' weight decay, "
-  'lookahead, ...) acts on the raw weights and breaks the rescaling invariance that '
+  'lookahead, L-BFGS, ...) acts on the raw weights and breaks the rescaling invariance that '
   'path_geometry exists for. Use an inner that does not read params (optax.adam rather '
   'than optax.adamw) and regularise with lam * optax_path.path_norm(params) ** p in the '
   'loss, which is invariant; or chain the weight decay outside: optax.chain('
@@ -156,8 +156,9 @@ def _inner_update(inner, whitened, inner_state, extra_args):
   """``inner.update`` without params; an inner that needs them is named for what it is."""
   try:
     return inner.update(whitened, inner_state, None, **extra_args)
-  except ValueError as error:
-    if 'not passing `params`' not in str(error):
+  except ValueError as error:  # optax's own words, or a tree operation on params=None
+    reads_none = 'pytree structure' in str(error) and 'NoneType' in str(error)
+    if 'not passing `params`' not in str(error) and not reads_none:
       raise
     raise ValueError(INNER_READS_PARAMS_MSG) from error
 

@@ -181,7 +181,24 @@ def replicated(x: jax.Array) -> jax.Array:
   """
   if not explicitly_sharded(x):
     return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return _resharded(x, jax.sharding.PartitionSpec(), like=x)
+
+
+def _resharded(x: jax.Array, spec, like: jax.Array) -> jax.Array:
+  """``x`` split by ``spec`` over the mesh of ``like`` (no ``jax.set_mesh`` needed)."""
+  mesh = jax.typeof(like).sharding.mesh
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def sharded_like(term: jax.Array, leaf: jax.Array) -> jax.Array:
+  """``term``, which broadcasts to ``leaf``, split as ``leaf`` is along the axes it
+  spans, so that what it forms (a leaf's path scales) has the leaf's sharding rather
+  than a whole copy on every device. Explicit axes only; elsewhere XLA places it."""
+  if not explicitly_sharded(leaf) or jnp.ndim(term) != leaf.ndim:
+    return term
+  spec = jax.typeof(leaf).sharding.spec
+  spec = [axis if size > 1 else None for axis, size in zip(spec, term.shape)]
+  return _resharded(term, jax.sharding.PartitionSpec(*spec), like=leaf)
 
 
 def _where(condition, x, y) -> jax.Array:
@@ -242,10 +259,14 @@ def _matvec(x: jax.Array, m: jax.Array) -> jax.Array:
   """
   if not explicitly_sharded(m):
     return jnp.matmul(x, m, precision=jax.lax.Precision.HIGHEST)
-  rows, columns = jax.typeof(m).sharding.spec
-  x = jax.sharding.reshard(x, jax.sharding.PartitionSpec(rows))
+  sharding = jax.typeof(m).sharding
+  rows, columns = sharding.spec
+  x = _resharded(x, jax.sharding.PartitionSpec(rows), like=m)
   return jnp.matmul(
-    x, m, precision=jax.lax.Precision.HIGHEST, out_sharding=jax.sharding.PartitionSpec(columns)
+    x,
+    m,
+    precision=jax.lax.Precision.HIGHEST,
+    out_sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(columns)),
   )
 
 
@@ -262,6 +283,7 @@ def log_matvec(log_x: jax.Array, w: jax.Array, b: jax.Array | None, p: Exponent)
     ``(m,)`` logs, ``-inf`` where the sum is exactly zero.
   """
   alive = jnp.isfinite(log_x)
+  b = None if b is None else replicated(b)  # its exponents join the columns' (FSDP: b split)
   # Split exp(log_x) = x_mantissa * 2^(p * k), with x_mantissa in [2^-p/2, 2^p/2].
   nearest = jnp.floor(jax.lax.stop_gradient(log_x) / (p * LN2) + 0.5)
   k = _where(alive, nearest, 0).astype(jnp.int32)

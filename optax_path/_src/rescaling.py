@@ -8,6 +8,7 @@ same function.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -40,7 +41,7 @@ class _Net:
     the float range where the rescaled weights do not.
     """
     incoming, outgoing = self.chain[l], self.chain[l + 1]
-    for factor in factors:
+    for factor in map(numerics.replicated, factors):  # meets rows and columns: whole
       self._update(incoming.kernel, lambda w, f=factor: w * f.astype(w.dtype)[None, :])
       if incoming.bias is not None:
         self._update(incoming.bias, lambda b, f=factor: b * f.astype(b.dtype))
@@ -132,8 +133,11 @@ def _scale_units_in_range(net: _Net, l: int, factors, describe) -> None:
   if any(_is_traced(a) for a in arrays):
     return
   bad = sum(
-    jnp.any(_left_range(before[i], net.leaves[i]), axis=axis) if axis is not None
-    else _left_range(before[i], net.leaves[i])
+    numerics.replicated(
+      jnp.any(_left_range(before[i], net.leaves[i]), axis=axis)
+      if axis is not None
+      else _left_range(before[i], net.leaves[i])
+    )
     for i, axis in axes.items()
   )
   units = np.flatnonzero(np.asarray(bad))
@@ -204,11 +208,14 @@ def _log10_headroom(net: _Net, l: int, margin: float) -> jax.Array:
   """Per unit of layer ``l``: how many decades it can be scaled up and stay normal."""
   incoming, outgoing = net.chain[l], net.chain[l + 1]
   kernel_in = jnp.abs(net.leaves[incoming.kernel]).astype(jnp.float32)
-  largest_in = jnp.max(kernel_in, axis=0)
+  largest_in = numerics.replicated(jnp.max(kernel_in, axis=0))
   if incoming.bias is not None:
-    largest_in = jnp.maximum(largest_in, jnp.abs(net.leaves[incoming.bias]).astype(jnp.float32))
+    bias = numerics.replicated(net.leaves[incoming.bias])
+    largest_in = jnp.maximum(largest_in, jnp.abs(bias).astype(jnp.float32))
   kernel_out = jnp.abs(net.leaves[outgoing.kernel]).astype(jnp.float32)
-  smallest_out = jnp.min(jnp.where(kernel_out > 0, kernel_out, jnp.inf), axis=1)
+  smallest_out = numerics.replicated(
+    jnp.min(jnp.where(kernel_out > 0, kernel_out, jnp.inf), axis=1)
+  )
   info = jnp.finfo(net.leaves[incoming.kernel].dtype)
   up = jnp.log10(float(info.max)) - jnp.log10(largest_in)
   down = jnp.log10(smallest_out) - jnp.log10(float(info.tiny))
@@ -296,8 +303,9 @@ def unbalance(
   return net.tree()
 
 
-def _inverse_p_norm(columns: jax.Array, p: float) -> tuple[list[jax.Array], jax.Array]:
-  """``1 / ||x||_p`` of each column (1 for zero columns), as two factors, and its log.
+def _inverse_p_norm(pieces: list[jax.Array], p: float) -> tuple[list[jax.Array], jax.Array]:
+  """``1 / ||x||_p`` of each column of ``pieces`` stacked (1 for zero columns), as two
+  factors, and its log. (Not concatenated: a kernel and its bias may be split apart.)
 
   ``||x||_p = 2^e (sum (|x| 2^-e)^p)^(1/p)``, ``2^e`` the power of two just above
   ``max|x|``: every term of the sum lies in ``[0, 1)``, so nothing overflows, however
@@ -307,10 +315,15 @@ def _inverse_p_norm(columns: jax.Array, p: float) -> tuple[list[jax.Array], jax.
   to a few ulps. (Dividing by ``max|x|`` would not do: XLA on CPU divides by
   multiplying with the reciprocal, which flushes ``1 / 3e38`` to 0.)
   """
-  largest = jnp.max(jnp.abs(columns), axis=0)
+  largest = functools.reduce(
+    jnp.maximum, [numerics.replicated(jnp.max(jnp.abs(x), axis=0)) for x in pieces]
+  )
   e = jnp.where(largest > 0, numerics.exponent(largest), 0)
-  terms = numerics.ldexp(jnp.abs(columns), -e[None, :]) ** p
-  log_sum = jnp.log(jnp.where(largest > 0, jnp.sum(terms, axis=0), 1.0))
+  total = sum(
+    numerics.replicated(jnp.sum(numerics.ldexp(jnp.abs(x), -e[None, :]) ** p, axis=0))
+    for x in pieces
+  )
+  log_sum = jnp.log(jnp.where(largest > 0, total, 1.0))
   half = e >> 1
   first = numerics.ldexp(jnp.ones_like(largest), half - e)
   second = numerics.ldexp(jnp.exp(-log_sum / p), -half)
@@ -352,9 +365,9 @@ def rebalance(params: Any, p: float = 2.0, *, layers=None) -> Any:
   for l in range(len(net.chain) - 1):
     layer = net.chain[l]
     dtype = compute_dtype(net.leaves[layer.kernel].dtype)
-    incoming = net.leaves[layer.kernel].astype(dtype)
+    incoming = [net.leaves[layer.kernel].astype(dtype)]
     if layer.bias is not None:
-      incoming = jnp.concatenate([incoming, net.leaves[layer.bias].astype(dtype)[None]])
+      incoming.append(net.leaves[layer.bias].astype(dtype)[None])
     factors, log_norm = _inverse_p_norm(incoming, p)
     _scale_units_in_range(
       net, l, factors, lambda u, n=log_norm: f'rebalance (1 / ||x||_p = exp(-{float(n[u]):.6g}))'

@@ -102,13 +102,18 @@ def layer_log_scales(log_in, log_out, biases, p) -> tuple[list[LogScale], list[L
   return kernel_scales, bias_scales
 
 
-def _formed(log_scale: LogScale | None) -> jax.Array | None:
-  return None if log_scale is None else numerics.exp_keeping_nan(sum(log_scale))
+def _formed(log_scale: LogScale | None, leaf) -> jax.Array | None:
+  if log_scale is None:
+    return None
+  return numerics.exp_keeping_nan(sum(numerics.sharded_like(t, leaf) for t in log_scale))
 
 
 def _formed_scales(kernels, biases, p):
   kernel_scales, bias_scales = layer_log_scales(*log_gammas(kernels, biases, p), biases, p)
-  return [_formed(t) for t in kernel_scales], [_formed(t) for t in bias_scales]
+  return (
+    [_formed(t, w) for t, w in zip(kernel_scales, kernels)],
+    [_formed(t, b) for t, b in zip(bias_scales, biases)],
+  )
 
 
 def _log_path_norm_of_layers(kernels, biases, p) -> jax.Array:
@@ -237,8 +242,17 @@ def path_scales(
   else:
     leaves, treedef, log_scales = log_scale_leaves(params, p, None, apply_fn, input_shape)
     scales = {i: numerics.exp_keeping_nan(log_scale) for i, (log_scale,) in log_scales.items()}
-  scales = [scales.get(i, leaf) for i, leaf in enumerate(leaves)]
+  scales = [_placed_like(scales.get(i, leaf), leaf) for i, leaf in enumerate(leaves)]
   return jax.tree_util.tree_unflatten(treedef, scales)
+
+
+def _placed_like(scale, leaf):
+  """``scale`` on the devices and with the sharding of ``leaf``, when both are concrete
+  (under ``jit`` with Auto axes, where the result goes is XLA's choice, or ``out_shardings``)."""
+  concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+  if concrete and isinstance(scale, jax.Array) and scale.sharding != leaf.sharding:
+    return jax.device_put(scale, leaf.sharding)
+  return scale
 
 
 def log_path_norm(

@@ -105,16 +105,36 @@ def compiled_when_eager(update_fn, config: Hashable | None = None):
     config = None
   compiled = _EAGER_COMPILED.get(config) if config is not None else None
   if compiled is None:
-    compiled = jax.jit(update_fn)
+    compiled = jax.jit(_with_static_kwargs(update_fn), static_argnames='static')
     if config is not None:
       _EAGER_COMPILED[config] = compiled
 
   def wrapped(*args, **kwargs):
     if _is_traced((args, kwargs)):
       return update_fn(*args, **kwargs)
-    return compiled(*args, **kwargs)
+    static = tuple(sorted((k, v) for k, v in kwargs.items() if not _is_array_tree(v)))
+    try:
+      hash(static)
+    except TypeError:  # an extra argument jit can take neither traced nor static
+      return update_fn(*args, **kwargs)
+    arrays = {k: v for k, v in kwargs.items() if _is_array_tree(v)}
+    return compiled(args, arrays, static=static)
 
   return wrapped
+
+
+def _with_static_kwargs(update_fn):
+  """``update_fn`` taking its array arguments traced and the others (extra arguments
+  such as L-BFGS's ``value_fn``, or a string) as one static tuple."""
+
+  def update(args, arrays, static):
+    return update_fn(*args, **arrays, **dict(static))
+
+  return update
+
+
+def _is_array_tree(tree: Any) -> bool:
+  return all(isinstance(x, jax.typing.ArrayLike) for x in jax.tree.leaves(tree))
 
 
 def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:

@@ -105,7 +105,9 @@ def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.A
   alpha, sigma = (alpha[:, None], sigma[None, :]) if axis == 0 else (alpha[None, :], sigma[:, None])
   total = jnp.sum(numerics.abs_pow(alpha * w * sigma, p), axis=axis)
   if b is not None:  # |b|^p relative to the warm start; inf where far above it (checked)
-    total = total + jnp.exp(p * jnp.log(jnp.abs(b)) - hint)
+    total = numerics.replicated(total) + jnp.exp(
+      p * jnp.log(jnp.abs(numerics.replicated(b))) - hint
+    )
   log_total = jnp.where(dead & (total > 0), jnp.nan, jnp.log(total) + hint)
   return numerics.replicated(log_total)
 
