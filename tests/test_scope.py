@@ -619,6 +619,59 @@ def test_scatters_of_activations_are_structural():
     assert all(bool(jnp.all(s > 0)) for s in jax.tree.leaves(scales)), name
 
 
+GRAPH = jnp.array([0, 0, 1, 2, 2, 2])  # the segment (graph node) of each of 6 members
+
+
+def graph_net(pool):
+  """A GNN layer over a fixed graph: relu(x @ w1) per member, pooled per segment, @ w2."""
+
+  def apply_fn(q, x):  # x: (batch, 6, 2)
+    h = jax.nn.relu(x @ q['w1'])
+    return (jax.vmap(lambda hb: pool(hb, GRAPH))(h) @ q['w2']).sum(1)
+
+  return apply_fn
+
+
+@pytest.mark.parametrize('p', [1.0, 2.0])
+def test_a_max_pool_over_a_graph_counts_every_member(p):
+  """segment_max and .at[].max (a GNN's max aggregation) were refused as 'a nonlinearity
+  that is not positively homogeneous'. As a max pool, they count the paths through every
+  member: the reference pools with a fixed 0/1 matrix, ``M @ h``, a plain linear map."""
+  rng = np.random.default_rng(3)
+  params = {
+    k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in {'w1': (2, 4), 'w2': (4, 3)}.items()
+  }
+  members = (GRAPH[None, :] == jnp.arange(3)[:, None]).astype(jnp.float32)
+  reference = graph_net(lambda hb, seg: members @ hb)
+  mode = {'input_shape': (6, 2)}
+  want_norm = optax_path.path_norm(params, p, apply_fn=reference, **mode)
+  want_scales = optax_path.path_scales(params, p, apply_fn=reference, **mode)
+  pools = {
+    'segment_max': lambda hb, seg: jax.ops.segment_max(hb, seg, num_segments=3),
+    '.at[].max into zeros': lambda hb, seg: jnp.zeros((3, 4)).at[seg].max(hb),
+    '-segment_min(-h)': lambda hb, seg: -jax.ops.segment_min(-hb, seg, num_segments=3),
+  }
+  for name, pool in pools.items():
+    got = optax_path.path_norm(params, p, apply_fn=graph_net(pool), **mode)
+    np.testing.assert_allclose(got, want_norm, rtol=1e-6, err_msg=name)
+    scales = optax_path.path_scales(params, p, apply_fn=graph_net(pool), **mode)
+    for a, b in zip(jax.tree.leaves(scales), jax.tree.leaves(want_scales), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=name)
+  clips = (  # a max with 1, a min with -inf: not ReLU, not a pool
+    lambda hb, seg: jnp.ones((3, 4)).at[seg].max(hb),
+    lambda hb, seg: jnp.full((3, 4), -jnp.inf).at[seg].min(hb),
+  )
+  for pool in clips:
+    with pytest.raises(ValueError, match='a max or min with a constant other than 0'):
+      optax_path.path_scales(params, apply_fn=graph_net(pool), **mode)
+  of_params = lambda q, x: (
+    graph_net(lambda hb, seg: hb)(q, x)
+    * jax.ops.segment_max(q['w2'][0], jnp.array([0, 0, 1]), num_segments=2).sum()
+  )
+  with pytest.raises(ValueError, match='applies scatter-max to values of w2'):
+    optax_path.path_scales(params, apply_fn=of_params, **mode)
+
+
 def test_a_min_with_zero_and_other_spellings_of_relu_count_their_paths():
   """min(h, 0) = -relu(-h) passed 0 on the pass before: phi_1 0 for 21.75, every scale 0.
   lax.clamp(0, h, inf) and h * where(h > 0, 1, 0) were refused. Expected: plain ReLU's."""

@@ -22,7 +22,9 @@ operand depends on the params or the input (an *activation*):
 - ``reduce_max`` / ``reduce_min`` (``jnp.max`` over axes: global max pooling) ->
   ``reduce_sum`` over the same axes.
 - ``max`` / ``min`` of two activations (an elementwise max of two branches) -> their
-  sum. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
+  sum; ``scatter-max`` / ``scatter-min`` (``jax.ops.segment_max``, ``.at[i].max``: a
+  max pool over the neighbours of a fixed graph) -> ``scatter-add``, its constant
+  operand (``-inf``, no unit; or 0) entering as 0. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
   depends on neither) a max is kept: ReLU is the identity on this pass. A min with a
   constant (``min(x, 0) = -relu(-x)``, ``lax.clamp(0, x, inf)``) -> ``x``, which it
   would otherwise cut to 0 on this pass.
@@ -73,6 +75,7 @@ from jax import lax
 _WINDOW_MAX = frozenset({'reduce_window_max', 'reduce_window_min'})
 _REDUCE_MAX = frozenset({'reduce_max', 'reduce_min'})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
+SCATTER_MAXIMA = frozenset({'scatter-max', 'scatter-min'})  # segment_max, .at[i].max
 SELECTS_BY_VALUE = frozenset(
   {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
 )
@@ -180,6 +183,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'pass_on' if name == 'min' else None  # min(h, 0) would pass 0: no path
   if name == 'clamp':
     return 'pass_on' if dependent == [False, True, False] else None
+  if name in SCATTER_MAXIMA and (dependent[0] or dependent[2]):
+    return 'scatter_sum'
   if name == 'sub':
     return 'add_magnitudes'
   if name in ('neg', 'stop_gradient'):
@@ -311,6 +316,22 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     ]
     out = eqn.primitive.bind(*magnitudes, **bind_params)
     return out if eqn.primitive.multiple_results else [out]
+  if rule == 'scatter_sum':  # a constant here is 0 or the max's identity (scope): no unit
+    operand, indices, updates = (
+      v if f or i == 1 else jnp.zeros_like(v) for i, (v, f) in enumerate(zip(values, flags))
+    )
+    sorted_, unique = params['indices_are_sorted'], params['unique_indices']
+    return [
+      lax.scatter_add(
+        operand,
+        indices,
+        updates,
+        params['dimension_numbers'],
+        indices_are_sorted=sorted_,
+        unique_indices=unique,
+        mode=params['mode'],
+      )
+    ]
   if rule == 'window_sum':
     if len(values) != 2:
       raise ValueError(

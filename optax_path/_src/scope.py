@@ -41,8 +41,9 @@ concatenations, gathers with constant indices, dtype casts, sharding annotations
 product of an activation with a constant or a parameter (a diagonal layer), ReLU
 (``max`` with 0, ``h * (h > 0)``), ``jnp.where(h > 0, h, a * h)`` (leaky ReLU), max
 pooling (see :mod:`~optax_path._src.positive_pass`), ``abs``, ``lax.scan`` over such
-layers. A BatchNorm that uses its running averages is a fixed affine map, and so
-allowed.
+layers, scatters that place activations over a fixed graph (``segment_sum``, and
+``segment_max`` as a max pool). A BatchNorm that uses its running averages is a fixed
+affine map, and so allowed.
 
 References:
   Neyshabur, Salakhutdinov & Srebro, `Path-SGD <https://arxiv.org/abs/1506.02617>`_,
@@ -341,11 +342,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     return data[0] if len(data) == 1 else joined
   if name in _INDEXING:
     data = [k for i, k in enumerate(ops) if i in _INDEXING[name]]
-    indices = [k for i, k in enumerate(ops) if i not in _INDEXING[name]]
-    if any(k.inp for k in indices):
-      refuse('indices read from the input (an embedding lookup)')
-    if any(k.dep for k in indices):
-      _refuse_of_params(name, 'index', indices)
+    _check_indices(name, [k for i, k in enumerate(ops) if i not in _INDEXING[name]])
     if any(k.gate for k in data):
       refuse('a step function of the activations used as a value')
     placed = name in ('scatter', 'dynamic_update_slice')  # sets entries, rather than adds
@@ -454,14 +451,10 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       )
     return joined
   if name in _ELEMENTWISE_MAX:
-    if joined.gate:
-      refuse('a max of a step function')
-    if joined.of_params:
-      _refuse_of_params(name, 'max', ops)
-    bound = _zero_or_minus_inf if name == 'max' else _zero_or_inf  # ReLU, or -relu(-h)
-    if all(k.dep for k in ops) or all(_known(k, bound) for k in ops if not k.dep):
-      return joined
-    refuse('a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
+    return _maximum(name, ops, minimum=name == 'min')
+  if name in positive_pass.SCATTER_MAXIMA:  # segment_max, .at[i].max: a graph's max pool
+    _check_indices(name, [ops[1]])
+    return _maximum(name, [ops[0], ops[2]], minimum=name == 'scatter-min')
   if name in _POWERS:
     refuse(
       'a power of activations (the variance of LayerNorm, BatchNorm in training mode, '
@@ -473,6 +466,27 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     'a nonlinearity that is not positively homogeneous (GELU, tanh, sigmoid, swish, softmax, ...)'
   )
   raise AssertionError  # unreachable: refuse raises
+
+
+def _check_indices(name: str, indices: list[_Kind]) -> None:
+  if any(k.inp for k in indices):
+    _refuse(name, 'indices read from the input (an embedding lookup)')
+  if any(k.dep for k in indices):
+    _refuse_of_params(name, 'index', indices)
+
+
+def _maximum(name: str, ops: list[_Kind], minimum: bool) -> _Kind:
+  """A max or min of activations, or of one with 0 or its identity (ReLU, -relu(-h))."""
+  joined = _join(ops)
+  if joined.gate:
+    _refuse(name, 'a max of a step function')
+  if joined.of_params:
+    _refuse_of_params(name, 'max', ops)
+  bound = _zero_or_inf if minimum else _zero_or_minus_inf
+  if all(k.dep for k in ops) or all(_known(k, bound) for k in ops if not k.dep):
+    return joined
+  _refuse(name, 'a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
+  raise AssertionError  # unreachable: _refuse raises
 
 
 def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
