@@ -98,6 +98,10 @@ def compiled_when_eager(update_fn, config: Hashable | None = None):
   equal ``config`` share one compiled function, so that one rebuilt on every update
   (``optax.inject_hyperparams`` does so) compiles once: 1.6 s per eager update of a
   3-layer net before, a few ms after.
+
+  Keyword arguments that are not arrays (L-BFGS's ``value_fn``, a string) enter the
+  compiled function as static values: each new one compiles once more, and an unhashable
+  one runs the update uncompiled.
   """
   try:
     hash(config)
