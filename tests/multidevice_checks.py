@@ -262,6 +262,14 @@ def test_every_layout_and_the_rescalings_under_explicit_axes(layout):
     for name, call in calls.items():
       assert_same_values_and_shardings(call(sharded, grads), expected[name], sharded)
     np.testing.assert_allclose(optax_path.path_norm(sharded), optax_path.path_norm(params), 1e-6)
-  # Without jax.set_mesh: the arrays carry their mesh (this raised for a bare P() before).
+  # Without jax.set_mesh: the arrays carry their mesh (this raised for a bare P() before,
+  # and the scale state, made without a mesh, came back split after one step).
   np.testing.assert_allclose(optax_path.path_norm(sharded), optax_path.path_norm(params), 1e-6)
-  assert_same_values_and_shardings(calls['update'](sharded, grads), expected['update'], sharded)
+  for tx in (optax_path.path_sgd(0.1, 1.0, refresh_every=3), optax_path.path_adam(1e-2)):
+    step = jax.jit(
+      lambda q, s, tx=tx: (lambda u, s: (optax.apply_updates(q, u), s))(*tx.update(q, s, q))
+    )
+    (one, state_one), (split, state) = (params, tx.init(params)), (sharded, tx.init(sharded))
+    for _ in range(4):
+      (one, state_one), (split, state) = step(one, state_one), step(split, state)
+    assert_same_values_and_shardings(split, one, sharded)

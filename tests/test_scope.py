@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import linecache
+import os
 import re
 
 import flax.linen as nn
@@ -33,6 +34,8 @@ class Net(nn.Module):
       h = nn.relu(nn.LayerNorm()(h))
     elif self.middle == 'layer_norm_no_params':
       h = nn.relu(nn.LayerNorm(use_scale=False, use_bias=False)(h))
+    elif self.middle == 'remat_layer_norm':  # a lifted transform: no frame of ours inside
+      h = nn.relu(nn.remat(nn.LayerNorm)()(h))
     elif self.middle == 'rms_norm':
       h = nn.relu(nn.RMSNorm()(h))
     elif self.middle == 'group_norm':
@@ -53,6 +56,7 @@ class Net(nn.Module):
 OUT_OF_SCOPE = {
   'layer_norm': 'square',
   'layer_norm_no_params': 'square',
+  'remat_layer_norm': 'square',
   'rms_norm': 'square',
   'group_norm': 'square',
   'batch_norm_training': 'square',
@@ -95,6 +99,7 @@ def test_a_network_outside_path_sgd_is_refused_with_the_primitive_named(middle):
 MIDDLE_LINE = {  # the text of the line in Net.__call__ that each refusal must name
   'layer_norm': 'nn.LayerNorm()(h)',
   'layer_norm_no_params': 'use_scale=False',
+  'remat_layer_norm': 'nn.remat(nn.LayerNorm)()(h)',
   'rms_norm': 'nn.RMSNorm()',
   'group_norm': 'nn.GroupNorm(',
   'batch_norm_training': 'nn.BatchNorm(',
@@ -104,6 +109,16 @@ MIDDLE_LINE = {  # the text of the line in Net.__call__ that each refusal must n
   **{name: 'getattr(jax.nn, self.middle)(h)' for name in ('gelu', 'tanh', 'sigmoid', 'swish')},
   **{name: 'getattr(jax.nn, self.middle)(h)' for name in ('softmax', 'relu6')},
 }
+
+
+def test_the_library_folders_are_folders_not_name_prefixes():
+  """A model in optax_path_models.py (beside the package) is the user's, not ours: the
+  refusal named no line for it."""
+  from optax_path._src import scope
+
+  for folder in scope._LIBRARY_DIRS:
+    assert folder.endswith(os.sep)
+    assert not (folder.rstrip(os.sep) + '_models.py').startswith(scope._LIBRARY_DIRS)
 
 
 def named_line(message: str, function: str) -> str:

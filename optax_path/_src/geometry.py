@@ -116,27 +116,30 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
     sqrt_scales = transform.split_scales(updates, log_sqrt_scales)  # once, for both divisions
     return transform.divide_by_split_scales(updates, sqrt_scales), sqrt_scales, scales
 
-  map_back = transform.divide_by_split_scales
-  if eager_split:
-    config = ('path_geometry', p, layers) if apply_fn is None and isinstance(p, float) else None
-    whiten = transform.compiled_when_eager(whiten, config)
-    map_back = transform.compiled_when_eager(map_back, 'map_back')
+  def make_update(whiten, map_back):
+    def update_fn(updates, state, params=None, **extra_args):
+      if params is None:
+        raise ValueError(
+          'path_geometry requires the current value of parameters, to compute the path '
+          'scales: call update(updates, state, params).'
+        )
+      transform.check_same_structure(updates, params)
+      whitened, sqrt_scales, scales = whiten(updates, params, state.scales)
+      step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
+      return map_back(step, sqrt_scales), PathGeometryState(inner_state, scales)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-        'path_geometry requires the current value of parameters, to compute the path '
-        'scales: call update(updates, state, params).'
-      )
-    transform.check_same_structure(updates, params)
-    whitened, sqrt_scales, scales = whiten(updates, params, state.scales)
-    step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
-    return map_back(step, sqrt_scales), PathGeometryState(inner_state, scales)
+    return update_fn
 
+  config = ('path_geometry', p, layers) if apply_fn is None and isinstance(p, float) else None
+  split_update = make_update(  # the divisions compiled, inner as it runs alone
+    transform.compiled_when_eager(whiten, config),
+    transform.compiled_when_eager(transform.divide_by_split_scales, 'map_back'),
+  )
   if eager_split:
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, split_update)
+  whole = make_update(whiten, transform.divide_by_split_scales)
   return optax.GradientTransformationExtraArgs(
-    init_fn, transform.compiled_when_eager(update_fn, eager_config)
+    init_fn, transform.compiled_when_eager(whole, eager_config, other_args=split_update)
   )
 
 

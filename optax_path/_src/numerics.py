@@ -184,6 +184,15 @@ def replicated(x: jax.Array) -> jax.Array:
   return _resharded(x, jax.sharding.PartitionSpec(), like=x)
 
 
+def replicated_on_mesh_of(x: jax.Array, arrays) -> jax.Array:
+  """``x`` whole on every device of the mesh of the first of ``arrays`` split over
+  explicit axes (``x`` itself if none is). A vector made without a mesh (``init``
+  outside ``jax.set_mesh``) has no sharding in its type, so XLA would pick one for it
+  in a jitted step's output, and the next step would receive it split."""
+  split = [a for a in arrays if explicitly_sharded(a)]
+  return _resharded(x, jax.sharding.PartitionSpec(), like=split[0]) if split else x
+
+
 def _resharded(x: jax.Array, spec, like: jax.Array) -> jax.Array:
   """``x`` split by ``spec`` over the mesh of ``like`` (no ``jax.set_mesh`` needed)."""
   mesh = jax.typeof(like).sharding.mesh

@@ -95,6 +95,7 @@ def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
     gammas = refreshed()
   else:
     gammas = jax.lax.cond(state.refresh_count % refresh_every == 0, refreshed, kept)
+  gammas = tuple(tuple(numerics.replicated_on_mesh_of(v, kernels) for v in g) for g in gammas)
   return gammas, PathNormalizeState(optax.safe_int32_increment(state.refresh_count), *gammas)
 
 

@@ -258,14 +258,15 @@ def _source_line(eqn: jex_core.JaxprEqn) -> str | None:
     frames = list(source_info_util.user_frames(eqn.source_info.traceback))
   except Exception:  # noqa: BLE001 (a JAX without it: the message goes without the line)
     return None
-  own = [f for f in frames if not f.file_name.startswith(_LIBRARY_DIRS)] or frames
-  if not own:
+  own = [f for f in frames if not f.file_name.startswith(_LIBRARY_DIRS)]
+  if not own:  # inside a library's call (Flax's nn.remat): the caller's equation says
     return None
   return f'{own[0].file_name}:{own[0].start_line}, in {own[0].function_name}'
 
 
 _LIBRARY_DIRS = tuple(
-  {sysconfig.get_paths()[key] for key in ('purelib', 'platlib')}
+  os.path.join(path, '')  # a folder: optax_path/, not optax_path_experiments/
+  for path in {sysconfig.get_paths()[key] for key in ('purelib', 'platlib')}
   | {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
 )
 

@@ -85,7 +85,7 @@ def _is_traced(tree: Any) -> bool:
 _EAGER_COMPILED: dict[Hashable, Callable[..., Any]] = {}
 
 
-def compiled_when_eager(update_fn, config: Hashable | None = None):
+def compiled_when_eager(update_fn, config: Hashable | None = None, other_args=None):
   """``update_fn`` (an update, or a part of one), run as one compiled computation when
   called outside ``jit``.
 
@@ -99,9 +99,11 @@ def compiled_when_eager(update_fn, config: Hashable | None = None):
   (``optax.inject_hyperparams`` does so) compiles once: 1.6 s per eager update of a
   3-layer net before, a few ms after.
 
-  Keyword arguments that are not arrays (L-BFGS's ``value_fn``, a string) enter the
-  compiled function as static values: each new one compiles once more, and an unhashable
-  one runs the update uncompiled.
+  ``other_args``: what runs the update when a keyword argument is not an array
+  (L-BFGS's ``value_fn``, a string). Such a value cannot be an argument of a compiled
+  function, and compiled in as a constant it would go stale (a ``value_fn`` that reads
+  the current batch) and stay alive. By default they are dropped: for an ``update_fn``
+  that ignores its extra arguments.
   """
   try:
     hash(config)
@@ -109,36 +111,29 @@ def compiled_when_eager(update_fn, config: Hashable | None = None):
     config = None
   compiled = _EAGER_COMPILED.get(config) if config is not None else None
   if compiled is None:
-    compiled = jax.jit(_with_static_kwargs(update_fn), static_argnames='static')
+    compiled = jax.jit(update_fn)
     if config is not None:
       _EAGER_COMPILED[config] = compiled
 
   def wrapped(*args, **kwargs):
     if _is_traced((args, kwargs)):
       return update_fn(*args, **kwargs)
-    static = tuple(sorted((k, v) for k, v in kwargs.items() if not _is_array_tree(v)))
-    try:
-      hash(static)
-    except TypeError:  # an extra argument jit can take neither traced nor static
-      return update_fn(*args, **kwargs)
     arrays = {k: v for k, v in kwargs.items() if _is_array_tree(v)}
-    return compiled(args, arrays, static=static)
+    if len(arrays) < len(kwargs) and other_args is not None:
+      return other_args(*args, **kwargs)
+    return compiled(*args, **arrays)
 
   return wrapped
 
 
-def _with_static_kwargs(update_fn):
-  """``update_fn`` taking its array arguments traced and the others (extra arguments
-  such as L-BFGS's ``value_fn``, or a string) as one static tuple."""
-
-  def update(args, arrays, static):
-    return update_fn(*args, **arrays, **dict(static))
-
-  return update
-
-
 def _is_array_tree(tree: Any) -> bool:
-  return all(isinstance(x, jax.typing.ArrayLike) for x in jax.tree.leaves(tree))
+  """Whether every leaf is a number or an array of numbers (what ``jit`` can trace)."""
+  leaves = jax.tree.leaves(tree)
+  return all(isinstance(x, jax.typing.ArrayLike) for x in leaves) and all(
+    jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)
+    for x in leaves
+    if hasattr(x, 'dtype')
+  )
 
 
 def normalize_updates(updates: Any, params: Any, p, **mode) -> Any:
