@@ -56,10 +56,7 @@ def _ranges(vectors: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
   in one reduction for them all; ``(inf, -inf)`` for a vector of dead units only."""
   width = max(v.shape[0] for v in vectors)
   padded = jnp.stack(  # each vector whole, padded with -inf (ignored): one reduction
-    [
-      jnp.pad(numerics.replicated(v), (0, width - v.shape[0]), constant_values=-jnp.inf)
-      for v in vectors
-    ]
+    [jnp.pad(v, (0, width - v.shape[0]), constant_values=-jnp.inf) for v in vectors]
   )
   lowest = jnp.min(jnp.where(padded == -jnp.inf, jnp.inf, padded), axis=1)
   return lowest, jnp.max(padded, axis=1)
@@ -100,7 +97,6 @@ def warm_log_matvec(log_x, w, b, p: float, center, log_hint, axis: int) -> jax.A
     centre's window fits (``warm_passes`` checks both). Where ``log_hint`` is ``-inf``
     (a dead unit): ``-inf`` if the sum is still 0, NaN (not near) if it is not.
   """
-  log_x, log_hint = numerics.replicated(log_x), numerics.replicated(log_hint)  # meet w's rows
   dead = log_hint == -jnp.inf
   hint = jnp.where(dead, 0.0, log_hint)
   alpha = jnp.exp(log_x / p - center)  # 0 where x is 0
@@ -150,8 +146,6 @@ def warm_log_gammas(
   nothing computed from meaningless hints (an overflow, a NaN, its derivative) reaches
   ``checkify``, NaN checks or a gradient through the update.
   """
-
-  hint_in, hint_out = ([numerics.replicated(h) for h in hints] for hints in (hint_in, hint_out))
 
   def unknown():
     dtype = kernels[0].dtype
