@@ -687,6 +687,139 @@ def test_a_max_pool_over_a_graph_counts_every_member(p):
     optax_path.path_scales(params, apply_fn=of_params, **mode)
 
 
+SPARSE = np.array([0, 0, 2, 2, 2, 2])  # 4 graph nodes; nodes 1 and 3 have no member
+
+
+def guarded_graph_net(guard, pool=None):
+  """relu(x @ w1) per member, max-pooled per node of SPARSE, ``guard``, + b, relu, @ w2."""
+  pool = pool or (lambda hb: jax.ops.segment_max(hb, jnp.asarray(SPARSE), num_segments=4))
+
+  def apply_fn(q, x):  # x: (batch, 6, 2)
+    s = jax.vmap(pool)(jax.nn.relu(x @ q['w1']))
+    return (jax.nn.relu(guard(s) + q['b']) @ q['w2']).sum(1)
+
+  return apply_fn
+
+
+def sparse_graph_brute_force(params, p):
+  """phi_p^p and its gradient with respect to every ``|theta|^p``, float64, by listing
+  the paths: input feature i of member m -> channel c (w1) -> its node (max pool, weight
+  1) -> output k (w2); and bias b[c] -> channel c of every node, members or not -> k."""
+  q = {k: np.abs(np.asarray(v, np.float64)) ** p for k, v in params.items()}
+  grads = {k: np.zeros_like(v) for k, v in q.items()}
+  phi = 0.0
+  n_in, n_channels = q['w1'].shape
+  paths = [
+    [('w1', (i, c)), ('w2', (c, k))]
+    for _, i, c, k in itertools.product(SPARSE, range(n_in), range(n_channels), range(3))
+  ] + [
+    [('b', (c,)), ('w2', (c, k))]
+    for _, c, k in itertools.product(range(4), range(n_channels), range(3))
+  ]
+  for path in paths:
+    phi += np.prod([q[leaf][index] for leaf, index in path])
+    for j, (leaf, index) in enumerate(path):
+      grads[leaf][index] += np.prod([q[o][x] for o, x in path[:j] + path[j + 1 :]])
+  return phi, grads
+
+
+GRAPH_PARAMS = {
+  'w1': np.array([[0.5, -1.5, 2.0, 1.0], [1.0, 0.25, -3.0, -0.5]]),
+  'b': np.array([0.1, -0.2, 0.3, 0.05]),
+  'w2': np.array([[1.0, -2.0, 0.5], [0.5, 1.5, -1.0], [-0.75, 2.0, 1.0], [0.25, 1.0, -0.5]]),
+}
+
+
+@pytest.mark.parametrize('p', [1.0, 2.0])
+def test_an_empty_graph_node_set_to_zero_is_no_unit(p):
+  """segment_max gives -inf for a node without members. jnp.where(jnp.isfinite(s), s, 0),
+  jnp.isneginf, jnp.isinf, s == -inf, s > -inf, jnp.nan_to_num(s, neginf=0), and -min(-h)
+  pooled so, were refused as hard gates or thresholds. They set the node to 0, as ReLU does:
+  expected, a float64 enumeration of the paths where such a node is reached by its bias
+  alone."""
+  phi, grads = sparse_graph_brute_force(GRAPH_PARAMS, p)
+  guards = {
+    'isfinite': lambda s: jnp.where(jnp.isfinite(s), s, 0.0),
+    'isneginf': lambda s: jnp.where(jnp.isneginf(s), 0.0, s),
+    'isinf': lambda s: jnp.where(jnp.isinf(s), 0.0, s),
+    '== -inf': lambda s: jnp.where(s == -jnp.inf, 0.0, s),
+    '> -inf': lambda s: jnp.where(s > -jnp.inf, s, 0.0),
+    'not isfinite': lambda s: jnp.where(~jnp.isfinite(s), 0.0, s),
+    'nan_to_num': lambda s: jnp.nan_to_num(s, neginf=0.0),
+    'relu': jax.nn.relu,
+    'where s > 0': lambda s: jnp.where(s > 0, s, 0.0),
+  }
+  ids = jnp.asarray(SPARSE)
+  nets = {name: guarded_graph_net(guard) for name, guard in guards.items()}
+  nets['-segment_min(-h)'] = guarded_graph_net(
+    guards['isfinite'], lambda hb: -jax.ops.segment_min(-hb, ids, num_segments=4)
+  )
+  nets['.at[].max into -inf'] = guarded_graph_net(
+    guards['nan_to_num'], lambda hb: jnp.full((4, 4), -jnp.inf).at[ids].max(hb)
+  )
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, GRAPH_PARAMS)
+    for name, net in nets.items():
+      mode = {'apply_fn': net, 'input_shape': (6, 2)}
+      np.testing.assert_allclose(
+        optax_path.path_norm(params, p, **mode), phi ** (1 / p), rtol=1e-12, err_msg=name
+      )
+      scales = optax_path.path_scales(params, p, **mode)
+      for leaf, grad in grads.items():
+        np.testing.assert_allclose(scales[leaf], grad ** (2 / p), rtol=1e-12, err_msg=name)
+      out = net(params, jnp.ones((1, 6, 2)))  # and the network itself stays finite
+      assert bool(jnp.all(jnp.isfinite(out))), name
+
+
+def test_an_empty_graph_node_used_as_it_is_or_set_to_another_value_is_refused():
+  """Unguarded, the -inf of an empty node was accepted: the pass, where that node is 0 and
+  its bias reaches it, counted paths (b -> node -> w2) that the network, where
+  relu(-inf + b) = 0, does not have. Every use other than passing it on, a max, or
+  setting it to 0 is refused with what to write instead."""
+  params = jax.tree.map(jnp.asarray, GRAPH_PARAMS)
+  refused = {
+    'relu(s + b)': lambda s: s,
+    'where(isfinite(s), s, 1)': lambda s: jnp.where(jnp.isfinite(s), s, 1.0),
+    'nan_to_num (neginf: finfo.min)': jnp.nan_to_num,
+    's * isfinite(s)': lambda s: s * jnp.isfinite(s),
+    'where(isnan(s), 0, s)': lambda s: jnp.where(jnp.isnan(s), 0.0, s),
+    'leaky relu': jax.nn.leaky_relu,
+    'isfinite | isnan': lambda s: jnp.where(jnp.isfinite(s) | jnp.isnan(s), s, 0.0),
+  }
+  for name, guard in refused.items():
+    with pytest.raises(ValueError, match=r'segment_max or segment_min pools no member') as info:
+      optax_path.path_scales(params, apply_fn=guarded_graph_net(guard), input_shape=(6, 2))
+    assert 'jnp.where(jnp.isfinite(s), s, 0)' in str(info.value) or 'Put 0 there' in str(
+      info.value
+    ), name
+  other = lambda s: jnp.where(jnp.isfinite(s), s, jax.nn.relu(jnp.flip(s, 0)))  # another node
+  with pytest.raises(ValueError, match='a value other than 0 put where'):
+    optax_path.path_scales(params, apply_fn=guarded_graph_net(other), input_shape=(6, 2))
+
+
+def test_a_finiteness_test_of_a_finite_unit_is_constant_and_an_overflow_stays_visible():
+  """jnp.where(jnp.isfinite(h), h, 0) or jnp.nan_to_num(h) on a ReLU's output (finite for
+  finite params) were refused as hard gates; they change nothing, so the scales are plain
+  ReLU's. Where the float32 pass overflows (|w1|^2 = 1e40), the guard must not turn the
+  inf into 0, which would leave phi finite through the skip connection and every scale of
+  w1 0: every scale is +inf, as without the guard."""
+
+  def net(guard):
+    return lambda q, x: (
+      guard(jax.nn.relu(x @ q['w1'] + q['b1'])) @ q['w2'] + x @ q['skip'] + q['b2']
+    )
+
+  params = {**PARAMS, 'skip': jnp.ones((2, 2))}
+  plain = optax_path.path_scales(params, 2.0, apply_fn=net(lambda h: h), input_shape=(2,))
+  for guard in (lambda h: jnp.where(jnp.isfinite(h), h, 0.0), jnp.nan_to_num):
+    scales = optax_path.path_scales(params, 2.0, apply_fn=net(guard), input_shape=(2,))
+    for a, b in zip(jax.tree.leaves(scales), jax.tree.leaves(plain), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+    huge = {**params, 'w1': params['w1'] * 1e20}
+    scales = optax_path.path_scales(huge, 2.0, apply_fn=net(guard), input_shape=(2,))
+    assert all(bool(jnp.all(a == jnp.inf)) for a in jax.tree.leaves(scales))
+
+
 def test_a_min_with_zero_and_other_spellings_of_relu_count_their_paths():
   """min(h, 0) = -relu(-h) passed 0 on the pass before: phi_1 0 for 21.75, every scale 0.
   lax.clamp(0, h, inf) and h * where(h > 0, 1, 0) were refused. Expected: plain ReLU's."""

@@ -41,6 +41,11 @@ operand depends on the params or the input (an *activation*):
   ``|c|``, as a parameter enters as ``|theta|^p``, so no path cancels another and no
   ``gamma_in`` is negative.
 
+A test that only tells finite values from ``inf`` and NaN (``jnp.isfinite(h)``,
+``h == -jnp.inf``, ``jnp.isnan``) takes its value at finite activations, so that an
+overflow of the pass stays ``inf`` rather than being set to 0 by a guard
+(``jnp.nan_to_num``) and leaving ``phi_p^p`` finite without the paths it lost.
+
 Every substitution is linear and keeps each channel within itself, so the pass stays
 invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
 ``c^p``, and a max of two activations is positively homogeneous only if both scale
@@ -76,6 +81,7 @@ _WINDOW_MAX = frozenset({'reduce_window_max', 'reduce_window_min'})
 _REDUCE_MAX = frozenset({'reduce_max', 'reduce_min'})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
 SCATTER_MAXIMA = frozenset({'scatter-max', 'scatter-min'})  # segment_max, .at[i].max
+_COMPARISONS = frozenset({'eq', 'ne', 'gt', 'ge', 'lt', 'le'})
 SELECTS_BY_VALUE = frozenset(
   {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
 )
@@ -199,9 +205,37 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'pad_finite' if dependent[0] and not dependent[1] else None
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
     return 'constant_magnitudes' if not all(dependent[i] for i in PLACING[name]) else None
+  if is_finiteness_test(eqn, dependent):
+    return 'finite_value'
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
+
+
+def is_finiteness_test(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> bool:
+  """Whether ``eqn`` tests activations only for being finite, so that its value is
+  the same for every finite activation: ``is_finite(h)``, ``h != h`` (``jnp.isnan``),
+  or ``h`` compared with a literal ``inf`` or ``-inf`` (``jnp.isinf``, ``isneginf``,
+  ``nan_to_num``, the guard after a ``segment_max`` of an empty segment)."""
+  name = eqn.primitive.name
+  if not any(dependent):
+    return False
+  if name == 'is_finite':
+    return True
+  if name not in _COMPARISONS:
+    return False
+  a, b = eqn.invars
+  if all(dependent):
+    return a is b
+  other = b if dependent[0] else a
+  return isinstance(other, jex_core.Literal) and bool(np.all(np.isinf(other.val)))
+
+
+def finite_value(eqn: jex_core.JaxprEqn, dependent: list[bool], values: list[Any]) -> Any:
+  """The value of a finiteness test (``is_finiteness_test``) at every finite
+  activation: the test of 0 (a scalar, or shaped as ``values``)."""
+  zeros = [jnp.zeros_like(v) if d else v for v, d in zip(values, dependent)]
+  return eqn.primitive.bind(*zeros, **eqn.primitive.get_bind_params(eqn.params))
 
 
 def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
@@ -303,6 +337,8 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(values[0], values[1])]
   if rule == 'identity':
     return [values[0]]
+  if rule == 'finite_value':  # overflow on the pass stays inf, never dropped by a guard
+    return [finite_value(eqn, flags, values)]
   if rule == 'pass_on':
     return [values[flags.index(True)]]
   if rule == 'add_magnitudes':

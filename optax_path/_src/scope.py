@@ -43,7 +43,11 @@ product of an activation with a constant or a parameter (a diagonal layer), ReLU
 pooling (see :mod:`~optax_path._src.positive_pass`), ``abs``, ``lax.scan`` over such
 layers, scatters that place activations over a fixed graph (``segment_sum``, and
 ``segment_max`` as a max pool). A BatchNorm that uses its running averages is a fixed
-affine map, and so allowed.
+affine map, and so allowed. Tests for finiteness (``jnp.isfinite``, ``jnp.isnan``,
+``h == -jnp.inf``, ``jnp.nan_to_num``) are constants, their value at every finite
+activation, except on the ``-inf`` that ``segment_max`` gives a segment without members:
+that entry may be passed on, pooled by a max or set to 0 (``jnp.where(jnp.isfinite(s), s,
+0)``, a ReLU), and nothing else, since the pass counts such a segment as no unit.
 
 References:
   Neyshabur, Salakhutdinov & Srebro, `Path-SGD <https://arxiv.org/abs/1506.02617>`_,
@@ -138,6 +142,8 @@ class _Kind:
   source: Any = None  # a gate: the activation it tests
   params: frozenset = frozenset()  # the params (input positions) it has on the pass
   on_pass: bool | None = None  # a gate testing an activation: its value on the pass
+  infinities: frozenset = frozenset()  # -inf, inf: taken where a segment_max pools nothing
+  at_infinity: tuple | None = None  # a test of such a value: (infinity, its value there)
 
   @property
   def act(self) -> bool:
@@ -154,12 +160,13 @@ class _Kind:
       self.inp or other.inp,
       self.gate or other.gate,
       params=self.params | other.params,
+      infinities=self.infinities | other.infinities,
     )
 
   def flow(self) -> tuple:
     """What a scan's carry must agree on between two rounds (a constant whose value
     changes, a counter, is checked again as an unknown constant)."""
-    return self.dep, self.inp, self.gate, self.params, self.value is None
+    return self.dep, self.inp, self.gate, self.params, self.value is None, self.infinities
 
 
 _CONST = _Kind()
@@ -321,6 +328,10 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
 
   if name in positive_pass.SELECTS_BY_VALUE:
     raise ValueError(positive_pass.unsupported_message(eqn))
+  if any(k.infinities or k.at_infinity is not None for k in ops):
+    return _infinite(eqn, name, ops)
+  if positive_pass.is_finiteness_test(eqn, [k.dep for k in ops]) and not joined.gate:
+    return _finite_value(eqn, ops)
   if name == 'while':
     raise ValueError(
       'apply_fn runs a lax.while_loop over values computed from the params or the input. '
@@ -380,6 +391,10 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     )
   if name == 'select_n':
     predicate, cases = ops[0], ops[1:]
+    if not predicate.dep and predicate.value is not None:  # a known choice: isfinite(h)
+      cases = [cases[i] for i in np.unique(np.asarray(predicate.value).astype(int))]
+      if len(cases) == 1:
+        return cases[0]
     if predicate.of_params:
       _refuse_of_params(name, 'choice', [predicate])
     if predicate.gate and not any(k.act for k in cases):  # where(h > 0, 1, 0): a mask
@@ -455,7 +470,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     return _maximum(name, ops, minimum=name == 'min')
   if name in positive_pass.SCATTER_MAXIMA:  # segment_max, .at[i].max: a graph's max pool
     _check_indices(name, [ops[1]])
-    return _maximum(name, [ops[0], ops[2]], minimum=name == 'scatter-min')
+    pooled = _maximum(name, [ops[0], ops[2]], minimum=name == 'scatter-min')
+    return dataclasses.replace(pooled, infinities=pooled.infinities | _empty_segments(eqn, ops))
   if name in _POWERS:
     refuse(
       'a power of activations (the variance of LayerNorm, BatchNorm in training mode, '
@@ -488,6 +504,149 @@ def _maximum(name: str, ops: list[_Kind], minimum: bool) -> _Kind:
     return joined
   _refuse(name, 'a max or min with a constant other than 0 (a clip, such as relu6 or hard_tanh)')
   raise AssertionError  # unreachable: _refuse raises
+
+
+#: Primitives that pass each entry on unchanged, or move it: an infinity stays itself.
+_PASSED_ON = (
+  (_STRUCTURAL - {'neg', 'abs'})
+  | _SAME_VALUE
+  | {'concatenate', 'pad', 'gather', 'dynamic_slice', 'scatter', 'dynamic_update_slice'}
+)
+
+
+def _empty_segments(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> frozenset:
+  """The infinities a ``segment_max`` (``segment_min``) leaves in segments that no
+  index names: its operand's ``-inf`` (``inf``) where a count of the members is 0."""
+  operand, indices = ops[0].value, ops[1].value
+  if ops[0].dep or operand is None:
+    return frozenset()  # pooled into activations (their own infinities are joined), or unknown
+  infinite = np.isinf(operand)
+  if not infinite.any() or indices is None:  # indices not known here: as if a segment were empty
+    return frozenset(float(v) for v in np.unique(operand[infinite]))
+  counts = jax.lax.scatter_add(
+    np.zeros(operand.shape, np.int32),
+    indices,
+    np.ones(eqn.invars[2].aval.shape, np.int32),
+    eqn.params['dimension_numbers'],
+    mode=eqn.params['mode'],
+  )
+  return frozenset(float(v) for v in np.unique(operand[infinite & (np.asarray(counts) == 0)]))
+
+
+def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
+  """An operation on a value that is ``-inf`` (``inf``) where a ``segment_max``
+  (``segment_min``) pools no member, or on a test of such a value.
+
+  On the pass such a segment is 0, no unit, so the network is the pass's only where
+  those entries are passed on, pooled by a max, or set to 0 (ReLU, ``jnp.maximum(s,
+  0)``, ``jnp.where(jnp.isfinite(s), s, 0)``, ``jnp.nan_to_num(s, neginf=0)``). Anything
+  else (a sum, a product, a 0 replaced by another value) is refused.
+  """
+  plain = [dataclasses.replace(k, infinities=frozenset(), at_infinity=None) for k in ops]
+  infinities = frozenset().union(*(k.infinities for k in ops))
+  if name in _PASSED_ON or name in _MAXIMA or name in positive_pass.SCATTER_MAXIMA:
+    out = _elementary(eqn, name, plain)
+    return dataclasses.replace(out, infinities=out.infinities | infinities)
+  if name in ('neg', 'abs'):
+    moved = frozenset(-v if name == 'neg' else abs(v) for v in infinities)
+    return dataclasses.replace(_elementary(eqn, name, plain), infinities=moved)
+  if name in _ELEMENTWISE_MAX:
+    return dataclasses.replace(_elementary(eqn, name, plain), infinities=_past_max(name, ops))
+  if name in _COMPARISONS or name == 'is_finite':
+    return _tested_at_infinity(eqn, name, ops, plain)
+  if name == 'not' and ops[0].at_infinity is not None:
+    test = ops[0]
+    return dataclasses.replace(
+      _elementary(eqn, name, plain),
+      at_infinity=tuple((v, not taken) for v, taken in test.at_infinity),
+      value=None if test.value is None else np.logical_not(test.value),
+    )
+  if name == 'select_n' and ops[0].at_infinity is not None:
+    if not any(k.at_infinity is not None for k in ops[1:]):
+      return _guarded(eqn, ops, plain)
+  elif name == 'select_n' and not any(k.at_infinity is not None for k in ops[1:]):
+    return dataclasses.replace(_elementary(eqn, name, plain), infinities=infinities)
+  signs = ' or '.join(sorted('inf' if v > 0 else '-inf' for v in infinities)) or '-inf'
+  _refuse(
+    name,
+    f'a value that is {signs} where a segment_max or segment_min pools no member (a graph '
+    'node without neighbours), or a test of one: on the pass such a node is no unit, so the '
+    'pass would count paths that the network does not have. Set those entries to 0 first, '
+    'with jnp.maximum(s, 0), jnp.where(jnp.isfinite(s), s, 0) or jnp.nan_to_num(s, '
+    'neginf=0), or pool into zeros: jnp.zeros(...).at[ids].max(h)',
+  )
+  raise AssertionError  # unreachable: _refuse raises
+
+
+def _past_max(name: str, ops: list[_Kind]) -> frozenset:
+  """The infinities an elementwise max (min) lets through: its own kind always, the
+  other only where every operand can be it."""
+  absorbed = -np.inf if name == 'max' else np.inf
+  through = frozenset({-absorbed}) & frozenset().union(*(k.infinities for k in ops))
+  if all(absorbed in k.infinities or _known(k, lambda v: np.all(v == absorbed)) for k in ops):
+    return through | {absorbed}
+  return through
+
+
+def _tested_at_infinity(eqn: jex_core.JaxprEqn, name: str, ops, plain) -> _Kind:
+  """A comparison or ``is_finite`` of a value with infinities: a gate that also knows
+  its value at each of them (and, if it only tells finite values from the others, its
+  one value at every finite one)."""
+  tested = [k for k in ops if k.infinities]
+  same = len(ops) == 2 and eqn.invars[0] is eqn.invars[1]  # h != h: jnp.isnan
+  if not same and (len(tested) != 1 or any(k.dep for k in ops if not k.infinities)):
+    _refuse(name, 'a comparison of two activations, one of them -inf where a segment is empty')
+  if any(not k.infinities and k.value is None for k in ops):
+    _refuse(name, 'a comparison with a constant not known here')
+
+  def at(v):
+    scalars = [
+      np.asarray(v, x.aval.dtype) if k.infinities else k.value for x, k in zip(eqn.invars, ops)
+    ]
+    taken = np.asarray(positive_pass.finite_value(eqn, [False] * len(ops), scalars))
+    if taken.min() != taken.max():
+      _refuse(name, 'a comparison with constants that differ from entry to entry')
+    return bool(taken.flat[0])
+
+  at_infinity = tuple((v, at(v)) for v in sorted(tested[0].infinities))
+  if positive_pass.is_finiteness_test(eqn, [k.dep for k in ops]):
+    value = _finite_value(eqn, plain).value
+    return _Kind(
+      dep=True,
+      inp=tested[0].inp,
+      gate=True,
+      source=tested[0].ident,
+      params=tested[0].params,
+      on_pass=bool(value.flat[0]),
+      value=value,
+      at_infinity=at_infinity,
+    )
+  return dataclasses.replace(_elementary(eqn, name, plain), at_infinity=at_infinity)
+
+
+def _guarded(eqn: jex_core.JaxprEqn, ops: list[_Kind], plain: list[_Kind]) -> _Kind:
+  """``select_n`` by a test of a value with infinities: where it is infinite, the case
+  taken must be 0 or pass the infinity on (and is then tracked further)."""
+  test, cases = ops[0], ops[1:]
+  kept = set()
+  for v, taken in test.at_infinity:
+    case = cases[int(taken)]
+    if v in case.infinities:
+      kept.add(v)
+    elif case.dep or not _known(case, _zero):
+      _refuse(
+        'select_n',
+        f'a value other than 0 put where a segment_max or segment_min pools no member (the '
+        f'{v} of an empty segment; jnp.where(jnp.isfinite(s), s, c), or jnp.nan_to_num with '
+        'another neginf): on the pass such a segment is no unit. Put 0 there',
+      )
+  if test.value is not None:  # a finiteness test: one case for every finite value
+    out = cases[int(test.value.flat[0])]
+    if kept and not out.dep:
+      _refuse('select_n', 'a constant chosen for the finite entries of a segment_max')
+  else:
+    out = _elementary(eqn, 'select_n', plain)
+  return dataclasses.replace(out, infinities=frozenset(kept), at_infinity=None)
 
 
 def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
@@ -559,6 +718,18 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   except Exception:  # noqa: BLE001  (a primitive that cannot run here: the value is unknown)
     return [None] * n_out
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _finite_value(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> _Kind:
+  """A test that tells finite activations from ``inf`` and NaN (``jnp.isfinite(h)``,
+  ``h == -jnp.inf``): a constant, its value at every finite activation, which is what
+  the pass computes too (``positive_pass.finite_value``)."""
+  dependent = [k.dep for k in ops]
+  scalars = [
+    np.zeros((), v.aval.dtype) if d else k.value for v, k, d in zip(eqn.invars, ops, dependent)
+  ]
+  value = np.asarray(positive_pass.finite_value(eqn, dependent, scalars))
+  return _Kind(value=np.broadcast_to(value, eqn.outvars[0].aval.shape))
 
 
 def _zeros(eqn: jex_core.JaxprEqn) -> _Kind:
