@@ -50,11 +50,11 @@ Multiply the incoming weights of a hidden unit by `c > 0` and divide its outgoin
 the network computes the same function. The paper's *unbalanced* initialisation does this to
 random units with `c = 10 exp(z)`, `z ~ N(0, 1)` (as the authors' MATLAB code does it: factors of
 about 1.4 to 74). How much that hurts SGD depends on the net and the run: on this small net,
-over a few hundred steps, hardly (below, SGD's two curves stay close, and AdaGrad's unbalanced
-run may even end lower); on the default experiment (2 x 512 units, 256 of them rescaled) SGD
-from the unbalanced start is stuck at 90% test error, and on Fashion-MNIST (2 x 1000) it
-diverges in the first epoch in every seed (see the README's Results). What holds on every net is
-that Path-SGD takes exactly the same steps from both starts (Theorem 4.1).
+over a few hundred steps, hardly (below, SGD's two curves stay close; in section 2, AdaGrad's
+unbalanced run may even end lower than its balanced one); on the default experiment (2 x 512
+units, 256 of them rescaled) SGD from the unbalanced start is stuck at 90% test error, and on
+Fashion-MNIST (2 x 1000) it diverges in the first epoch in every seed (see the README's
+Results). What holds on every net is that Path-SGD takes exactly the same steps from both starts (Theorem 4.1).
 `optax_path.unbalance(..., scheme='stress')` draws `c = 10^exp(z)` instead, far harsher than the
 paper (factors of 1e20 and beyond): section 2 adds it, and there SGD and AdaGrad fail while
 Path-SGD, whose scales `path_normalize` computes in the log domain, does not notice."""),
@@ -166,8 +166,9 @@ for (name, init), history in results.items():
 for ax, title in zip(axes, titles):
     ax.set(title=title, xlabel='epoch', yscale='log' if ax is axes[0] else 'linear')
 axes[2].set_ylim(0, 1); axes[0].legend(fontsize=7); plt.show()
-for key, history in results.items():  # nan: the run diverged
-    print(f'{key[0]:>9} {key[1]:>10}: final test error {history[-1, 2]:.3f}')"""),
+for key, history in results.items():  # loss nan: the run diverged (then argmax picks class 0)
+    print(f'{key[0]:>9} {key[1]:>10}: final training loss {history[-1, 0]:.3g}, '
+          f'test error {history[-1, 2]:.3f}')"""),
   new_markdown_cell("""## 3. In your own training loop
 
 `path_normalize` is an ordinary Optax gradient transformation. It needs `params` in `update`,

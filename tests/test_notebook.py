@@ -24,7 +24,7 @@ def test_notebook_runs_and_path_sgd_curves_coincide(tmp_path):
   gap_line = next(line for line in text.splitlines() if 'largest output difference' in line)
   assert float(gap_line.split(':')[-1]) < 1e-3
   path_sgd = [
-    line for line in text.splitlines() if 'Path-SGD' in line and 'final test error' in line
+    line for line in text.splitlines() if 'Path-SGD' in line and 'test error' in line
   ]
   assert len(path_sgd) == 3 and len({line.split()[-1] for line in path_sgd}) == 1
   # what the notebook says of the stress start: SGD and AdaGrad fail there (nan: diverged)
