@@ -468,3 +468,57 @@ def test_layer_order_refuses_stacked_kernels():
   apply_fn = lambda q, x: x @ q['Dense_0']['kernel'] @ q['ScanCell_0']['kernel'][0]
   with pytest.raises(ValueError, match=re.escape('ScanCell_0/kernel (2, 3, 3)') + '.*general mode'):
     optax_path.layer_order(params, apply_fn=apply_fn, input_shape=(3,))
+
+
+class Residual(nn.Module):
+  """8 -> 6 -> 6 -> 3, with ``h + relu(Dense_1(h))`` around the middle layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(6)(x))
+    h = h + nn.relu(nn.Dense(6)(h))
+    return nn.Dense(3)(h)
+
+
+class SkipFromInput(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)) + x)
+
+
+class ResidualOutput(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(8)(h) + h
+
+
+class TwoHeads(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(6)(x))
+    return nn.Dense(3)(h), nn.Dense(2)(h)
+
+
+@pytest.mark.parametrize(
+  'model, says',
+  [
+    (Residual(), 'the input of Dense_2 is computed from Dense_0 and Dense_1'),
+    (SkipFromInput(), 'the input of Dense_0 is computed from Dense_1 and the input'),  # built first
+    (ResidualOutput(), 'the output is computed from Dense_0 and Dense_1'),
+    (TwoHeads(), 'the input of Dense_2 is computed from Dense_0'),
+  ],
+)
+def test_layer_order_refuses_a_network_that_is_not_a_chain(model, says):
+  """layer_order gave an order for a residual MLP (Dense_0, Dense_1, Dense_2), and with it
+  the MLP mode computed the scales of the plain chain: for the residual block, the first
+  kernel's scales were up to 76% off the general mode's, which counts the skip paths.
+  Expected: a ValueError that says where the chain breaks and points to the general mode."""
+  params = model.init(jax.random.key(0), jnp.ones((1, 8)))['params']
+  with pytest.raises(ValueError, match=re.escape(says) + '.*general mode'):
+    optax_path.layer_order(params, apply_fn=linen_apply(model), input_shape=(8,))
+  if isinstance(model, Residual):  # why: the chain's scales are not this network's
+    chain = optax_path.path_scales(params)
+    true = optax_path.path_scales(params, apply_fn=linen_apply(model), input_shape=(8,))
+    gap = np.abs(chain['Dense_0']['kernel'] / true['Dense_0']['kernel'] - 1).max()
+    assert gap > 0.3, gap

@@ -44,29 +44,50 @@ def _has_body(eqn) -> bool:
   )
 
 
-def _walk(jaxpr, sources: dict, uses: list[int], opaque: set[int]) -> list[frozenset]:
-  """Propagates, for every value, the set of leaves it is computed from; records, in
-  program order, the leaf that is the weight operand of each matrix product (``uses``),
-  and the leaves that flow into loops or branches it cannot see into (``opaque``)."""
+class _Trace:
+  """What ``_walk`` finds: per value, the leaves it is computed from (``sources``) and
+  the last products on its paths from the input (``frontier``: the weight leaves of the
+  latest matrix products, or ``_INPUT``); in program order, the weight leaf of each
+  product (``uses``) and the frontier of its other operand (``feeds``); and the leaves
+  that flow into loops or branches it cannot see into (``opaque``)."""
 
-  def read(atom) -> frozenset:
-    return sources.get(atom, frozenset()) if isinstance(atom, jex_core.Var) else frozenset()
+  def __init__(self, sources: dict, frontier: dict):
+    self.sources, self.frontier = sources, frontier
+    self.uses: list[int] = []
+    self.feeds: list[frozenset] = []
+    self.opaque: set[int] = set()
 
+  def read(self, table: dict, atom) -> frozenset:
+    return table.get(atom, frozenset()) if isinstance(atom, jex_core.Var) else frozenset()
+
+
+def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
+  """Fills ``trace`` for ``jaxpr``; returns the frontier of its outputs."""
   for eqn in jaxpr.eqns:
-    inputs = [read(v) for v in eqn.invars]
+    inputs = [trace.read(trace.sources, v) for v in eqn.invars]
+    fronts = [trace.read(trace.frontier, v) for v in eqn.invars]
     inner = _inner_jaxpr(eqn)
     if inner is not None:
-      sources.update(zip(inner.invars, inputs))
-      outputs = _walk(inner, sources, uses, opaque)
+      trace.sources.update(zip(inner.invars, inputs))
+      trace.frontier.update(zip(inner.invars, fronts))
+      _walk(inner, trace)
+      outputs = [trace.read(trace.sources, v) for v in inner.outvars]
+      out_fronts = [trace.read(trace.frontier, v) for v in inner.outvars]
     else:
-      if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
-        uses.extend(next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d)
-      elif _has_body(eqn):
-        opaque.update(i for d in inputs for i in d if i != _INPUT)
       union = frozenset().union(*inputs)
-      outputs = [union] * len(eqn.outvars)
-    sources.update(zip(eqn.outvars, outputs))
-  return [read(v) for v in jaxpr.outvars]
+      front = frozenset().union(*fronts)
+      if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+        weights = [next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d]
+        data = [f for d, f in zip(inputs, fronts) if not (len(d) == 1 and _INPUT not in d)]
+        trace.uses.extend(weights)
+        trace.feeds.extend([frozenset().union(*data)] * len(weights))
+        front = frozenset(weights) or front
+      elif _has_body(eqn):
+        trace.opaque.update(i for d in inputs for i in d if i != _INPUT)
+      outputs, out_fronts = [union] * len(eqn.outvars), [front] * len(eqn.outvars)
+    trace.sources.update(zip(eqn.outvars, outputs))
+    trace.frontier.update(zip(eqn.outvars, out_fronts))
+  return [trace.read(trace.frontier, v) for v in jaxpr.outvars]
 
 
 def layer_order(
@@ -93,7 +114,10 @@ def layer_order(
     ValueError: if ``apply_fn`` is not callable, ``input_shape`` is no shape, a kernel is
       not 2-D (a convolution, ``nn.scan``), a kernel is applied more than once (a layer
       called twice, tied weights) or inside a loop or branch, or is not the weight of a
-      matrix product in the trace: such networks need the general mode or ``layers=``.
+      matrix product in the trace: such networks need the general mode or ``layers=``;
+      or if the layers do not form a chain (a residual or skip connection: a layer, or
+      the output, computed from other than the previous layer), which needs the general
+      mode.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax_path
@@ -149,9 +173,9 @@ def layer_order(
     ) from error
   sources = {v: frozenset([i]) for v, i in zip(jaxpr.invars, arrays)}
   sources[jaxpr.invars[-1]] = frozenset([_INPUT])
-  uses: list[int] = []
-  opaque: set[int] = set()
-  _walk(jaxpr, sources, uses, opaque)
+  trace = _Trace(sources, {jaxpr.invars[-1]: frozenset([_INPUT])})
+  output = frozenset().union(*_walk(jaxpr, trace))
+  uses, opaque = trace.uses, trace.opaque
   name = lambda i: layers_lib.format_path(kernels[i])
   looped = [name(i) for i in kernels if i in opaque]
   if looped:
@@ -177,5 +201,27 @@ def layer_order(
       'trace of apply_fn (unused, or applied inside a loop such as nn.scan): list the '
       'layers from input to output by hand with layers=.'
     )
+  _check_chain(order, [f for i, f in zip(uses, trace.feeds) if i in kernels], output, name)
   return [layers_lib.format_path(kernels[i]) for i in order]
+
+
+def _check_chain(order: list[int], feeds: list[frozenset], output: frozenset, name) -> None:
+  """Raises unless each layer takes the previous layer's output (or the input, the
+  first) and the network returns the last one's: the chain the MLP mode computes."""
+  wanted = [frozenset([_INPUT])] + [frozenset([i]) for i in order]
+  for j, (i, feed) in enumerate(zip(order, feeds)):
+    if feed != wanted[j]:
+      _not_a_chain(f'the input of {name(i)}', feed, name)
+  if output != wanted[-1]:
+    _not_a_chain('the output', output, name)
+
+
+def _not_a_chain(what: str, front: frozenset, name) -> None:
+  sources = sorted('the input' if i == _INPUT else f'{name(i)}' for i in front) or ['no layer']
+  raise ValueError(
+    f'apply_fn is not a chain of dense layers: {what} is computed from {" and ".join(sources)} '
+    '(a residual or skip connection, a concatenation, branches or several heads). The MLP mode '
+    'sees only a chain, so its path scales would be those of another network: use the general '
+    'mode (apply_fn=, input_shape=), which counts every path of this one.'
+  )
 
