@@ -795,6 +795,73 @@ def test_an_empty_graph_node_used_as_it_is_or_set_to_another_value_is_refused():
   other = lambda s: jnp.where(jnp.isfinite(s), s, jax.nn.relu(jnp.flip(s, 0)))  # another node
   with pytest.raises(ValueError, match='a value other than 0 put where'):
     optax_path.path_scales(params, apply_fn=guarded_graph_net(other), input_shape=(6, 2))
+  for chosen in (  # on the pass every node has members: these would always take the other
+    lambda s: jnp.where(jnp.isfinite(s), jnp.flip(s, 0), 0.0),
+    lambda s: jnp.where(jnp.isfinite(s), jnp.ones_like(s) @ jnp.eye(4) * s.sum(), 0.0),
+  ):
+    with pytest.raises(ValueError, match='testing whether a segment_max has members|-inf where'):
+      optax_path.path_scales(params, apply_fn=guarded_graph_net(chosen), input_shape=(6, 2))
+  windows = {  # a max pool's window of padding alone, a -inf pad: the same -inf
+    'reduce_window': lambda h: jax.lax.reduce_window(
+      h, -jnp.inf, jax.lax.max, (1, 2, 1), (1, 2, 1), ((0, 0), (2, 2), (0, 0))
+    ),
+    'pad -inf': lambda h: jnp.pad(h, ((0, 0), (1, 0), (0, 0)), constant_values=-jnp.inf),
+  }
+  for name, pool in windows.items():
+    net = lambda q, x, pool=pool: jax.nn.relu(pool(jax.nn.relu(x @ q['w1'])) + q['b']) @ q['w2']
+    with pytest.raises(ValueError, match='-inf where a segment_max'):
+      optax_path.path_scales(params, apply_fn=net, input_shape=(6, 2))
+
+
+def test_the_minus_inf_of_empty_windows_and_segments_is_tracked_to_where_it_is():
+  """Only the entries that can be -inf are: a max pool whose windows all hold a member, a
+  global max over nodes, a max of a segment_max with its flip (no two empty nodes meet),
+  pooling into zeros: no -inf is left, as the first tracking (any -inf anywhere) refused.
+  Expected: the same network with every max as a sum (the pass counts every member) and
+  the guard or the -inf dropped, through a fixed 0/1 matrix or a sum pool."""
+  params = jax.tree.map(jnp.asarray, GRAPH_PARAMS)
+  ids = jnp.asarray(SPARSE)
+  members = (ids[None, :] == jnp.arange(4)[:, None]).astype(jnp.float32)  # (4, 6)
+  segment_max = lambda hb: jax.ops.segment_max(hb, ids, num_segments=4)
+  window = dict(window_dimensions=(1, 2, 1), window_strides=(1, 2, 1))
+  pairs = {
+    'a global max over nodes': (
+      lambda h: jnp.max(jax.vmap(segment_max)(h), axis=1),
+      lambda h: jnp.sum(members @ h, axis=1),
+    ),
+    'a max with its flip': (
+      lambda h: jnp.maximum(jax.vmap(segment_max)(h), jnp.flip(jax.vmap(segment_max)(h), 1)),
+      lambda h: members @ h + jnp.flip(members @ h, 1),
+    ),
+    'pooled again into zeros': (
+      lambda h: jax.vmap(lambda s: jnp.zeros((2, 4)).at[jnp.array([0, 1, 1, 0])].max(s))(
+        jax.vmap(segment_max)(h)
+      ),
+      lambda h: jnp.array([[1.0, 0, 0, 1], [0, 1, 1, 0]]) @ (members @ h),
+    ),
+    'a -inf pad, then a max pool': (
+      lambda h: jax.lax.reduce_window(
+        jnp.pad(h, ((0, 0), (1, 1), (0, 0)), constant_values=-jnp.inf),
+        -jnp.inf,
+        jax.lax.max,
+        **window,
+        padding='VALID',
+      ),
+      lambda h: jax.lax.reduce_window(
+        jnp.pad(h, ((0, 0), (1, 1), (0, 0))), 0.0, jax.lax.add, **window, padding='VALID'
+      ),
+    ),
+  }
+  for name, (pool, reference) in pairs.items():
+    nets = [
+      lambda q, x, f=f: (jax.nn.relu(f(jax.nn.relu(x @ q['w1'])) + q['b']) @ q['w2']).sum()
+      for f in (pool, reference)
+    ]
+    got, want = (optax_path.path_scales(params, apply_fn=n, input_shape=(6, 2)) for n in nets)
+    for leaf in params:
+      np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, err_msg=f'{name}: {leaf}')
+    out = nets[0](params, jnp.ones((1, 6, 2)))
+    assert bool(jnp.isfinite(out)), name
 
 
 def test_a_finiteness_test_of_a_finite_unit_is_constant_and_an_overflow_stays_visible():
@@ -818,6 +885,37 @@ def test_a_finiteness_test_of_a_finite_unit_is_constant_and_an_overflow_stays_vi
     huge = {**params, 'w1': params['w1'] * 1e20}
     scales = optax_path.path_scales(huge, 2.0, apply_fn=net(guard), input_shape=(2,))
     assert all(bool(jnp.all(a == jnp.inf)) for a in jax.tree.leaves(scales))
+
+
+def test_an_overflow_of_the_pass_is_never_set_to_zero_by_a_gate():
+  """Where the float32 pass overflows, inf * 0 (a zero weight) is NaN, and a ReLU written
+  jnp.where(h > 0, h, 0) took NaN > 0 as False: the overflowed paths became 0, phi_2 came
+  out 1.41 through the skip connection and the scales of w1 0, silently. And h * 0 == 0
+  (which scope takes as true) was NaN == 0 on the pass. Expected: every scale +inf, as for
+  any overflow of the pass."""
+
+  def where_relu(q, x):
+    z = x @ q['w1']
+    h = jnp.where(z > 0, z, 0.0) @ q['w2']  # column 0 of w2 is 0: inf * 0 = NaN
+    return jnp.where(h > 0, h, 0.0)[:, :1] @ q['w3'] + x @ q['skip']
+
+  def times_zero(q, x):
+    g = jax.nn.relu(x @ q['w1']) @ q['w2']
+    return jnp.where(g * 0 == 0, g, 0.0)[:, :1] @ q['w3'] + x @ q['skip']
+
+  params = {
+    'w1': jnp.full((2, 2), 1e20),
+    'w2': jnp.array([[0.0, 1.0], [0.0, 1.0]]),
+    'w3': jnp.ones((1, 1)),
+    'skip': jnp.ones((2, 1)),
+  }
+  for net in (where_relu, times_zero):
+    assert float(optax_path.path_norm(params, apply_fn=net, input_shape=(2,))) == np.inf
+    scales = optax_path.path_scales(params, apply_fn=net, input_shape=(2,))
+    assert all(bool(jnp.all(a == jnp.inf)) for a in jax.tree.leaves(scales)), net.__name__
+    normal = jax.tree.map(lambda a: a * 1e-20 if a.size == 4 and a[0, 0] > 1 else a, params)
+    finite = optax_path.path_scales(normal, apply_fn=net, input_shape=(2,))
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(finite)), net.__name__
 
 
 def test_a_min_with_zero_and_other_spellings_of_relu_count_their_paths():

@@ -41,10 +41,12 @@ operand depends on the params or the input (an *activation*):
   ``|c|``, as a parameter enters as ``|theta|^p``, so no path cancels another and no
   ``gamma_in`` is negative.
 
-A test that only tells finite values from ``inf`` and NaN (``jnp.isfinite(h)``,
-``h == -jnp.inf``, ``jnp.isnan``) takes its value at finite activations, so that an
-overflow of the pass stays ``inf`` rather than being set to 0 by a guard
-(``jnp.nan_to_num``) and leaving ``phi_p^p`` finite without the paths it lost.
+An overflow of the pass must reach ``phi_p^p`` (which is then untrusted), never be
+set to 0 on the way, leaving it finite without the paths it lost. So a test that only
+tells finite values from ``inf`` and NaN (``jnp.isfinite(h)``, ``h == -jnp.inf``,
+``jnp.isnan``, in ``jnp.nan_to_num``) takes its value at finite activations; another
+comparison reads a NaN (``inf * 0``) as ``inf``, so that ``jnp.where(h > 0, h, 0)``
+passes it on; and ``h * 0`` is 0, as ``scope`` takes it.
 
 Every substitution is linear and keeps each channel within itself, so the pass stays
 invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
@@ -207,6 +209,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
     return 'constant_magnitudes' if not all(dependent[i] for i in PLACING[name]) else None
   if is_finiteness_test(eqn, dependent):
     return 'finite_value'
+  if name in _COMPARISONS:
+    return 'compare_nan_as_inf'
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent)
@@ -351,7 +355,13 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
       jnp.abs(v) if i in data and not f else v for i, (v, f) in enumerate(zip(values, flags))
     ]
     out = eqn.primitive.bind(*magnitudes, **bind_params)
+    if name == 'mul':  # h * 0 is 0 (as scope takes it), even where h overflowed to inf
+      constant = magnitudes[flags.index(False)]
+      out = jnp.where(constant == 0, jnp.zeros_like(out), out)
     return out if eqn.primitive.multiple_results else [out]
+  if rule == 'compare_nan_as_inf':  # a NaN of the pass is an overflow (inf * 0): not 0
+    compared = [jnp.where(jnp.isnan(v), jnp.inf, v) if f else v for v, f in zip(values, flags)]
+    return [eqn.primitive.bind(*compared, **eqn.primitive.get_bind_params(params))]
   if rule == 'scatter_sum':  # a constant here is 0 or the max's identity (scope): no unit
     operand, indices, updates = (
       v if f or i == 1 else jnp.zeros_like(v) for i, (v, f) in enumerate(zip(values, flags))

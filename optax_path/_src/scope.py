@@ -144,6 +144,8 @@ class _Kind:
   on_pass: bool | None = None  # a gate testing an activation: its value on the pass
   infinities: frozenset = frozenset()  # -inf, inf: taken where a segment_max pools nothing
   at_infinity: tuple | None = None  # a test of such a value: (infinity, its value there)
+  infinite_at: Any = None  # where those infinities can be (a bool array), None: anywhere
+  finite_as: Any = None  # an abs or neg of such a value: which one (finite where it is)
 
   @property
   def act(self) -> bool:
@@ -313,6 +315,8 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   if name in _PRODUCTS and any(not k.dep and _known(k, _zero) for k in ops):
     return [_zeros(eqn)]  # 0 @ w (a zero initial state): no path, whatever w is
   out = _elementary(eqn, name, ops)
+  if name in _MAY_CREATE_INFINITIES and not out.infinities and out.dep:
+    out = _tracked(eqn, name, ops, out)  # an empty segment, window, or a -inf pad
   if out.act and out.ident is None or (out.act and name not in _SAME_VALUE):
     out = dataclasses.replace(out, ident=object())  # a new activation
   if out.act and n_out > 1:  # split, unstack: each piece is an activation of its own
@@ -470,8 +474,7 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     return _maximum(name, ops, minimum=name == 'min')
   if name in positive_pass.SCATTER_MAXIMA:  # segment_max, .at[i].max: a graph's max pool
     _check_indices(name, [ops[1]])
-    pooled = _maximum(name, [ops[0], ops[2]], minimum=name == 'scatter-min')
-    return dataclasses.replace(pooled, infinities=pooled.infinities | _empty_segments(eqn, ops))
+    return _maximum(name, [ops[0], ops[2]], minimum=name == 'scatter-min')
   if name in _POWERS:
     refuse(
       'a power of activations (the variance of LayerNorm, BatchNorm in training mode, '
@@ -514,23 +517,92 @@ _PASSED_ON = (
 )
 
 
-def _empty_segments(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> frozenset:
-  """The infinities a ``segment_max`` (``segment_min``) leaves in segments that no
-  index names: its operand's ``-inf`` (``inf``) where a count of the members is 0."""
-  operand, indices = ops[0].value, ops[1].value
-  if ops[0].dep or operand is None:
-    return frozenset()  # pooled into activations (their own infinities are joined), or unknown
-  infinite = np.isinf(operand)
-  if not infinite.any() or indices is None:  # indices not known here: as if a segment were empty
-    return frozenset(float(v) for v in np.unique(operand[infinite]))
-  counts = jax.lax.scatter_add(
-    np.zeros(operand.shape, np.int32),
-    indices,
-    np.ones(eqn.invars[2].aval.shape, np.int32),
-    eqn.params['dimension_numbers'],
-    mode=eqn.params['mode'],
+_MAY_CREATE_INFINITIES = frozenset(
+  {'pad', 'reduce_window_max', 'reduce_window_min', *positive_pass.SCATTER_MAXIMA}
+)
+
+
+def _tracked(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind], out: _Kind) -> _Kind:
+  """``out`` with the infinities it takes for finite params and input, and where."""
+  infinities, where = _infinities_of(eqn, name, ops)
+  if not infinities or (where is not None and not np.any(where)):
+    return dataclasses.replace(out, infinities=frozenset(), infinite_at=None)
+  return dataclasses.replace(out, infinities=frozenset(infinities), infinite_at=where)
+
+
+def _where_infinite(kind: _Kind, var: Any) -> np.ndarray | None:
+  """Where ``kind``, the value of ``var``, can be infinite: a bool array, or None."""
+  shape = var.aval.shape
+  if kind.dep:
+    if not kind.infinities:
+      return np.zeros(shape, bool)
+    return None if kind.infinite_at is None else np.broadcast_to(kind.infinite_at, shape)
+  if kind.value is None:
+    return None
+  return np.broadcast_to(np.isinf(np.asarray(kind.value, float)), shape)
+
+
+def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple[set, Any]:
+  """The infinities of an operation that passes entries on, pools them by a max, or pads,
+  and where they are (found by applying the operation to where its operands' are)."""
+  infinities = set().union(*(k.infinities for k in ops))
+  masks = [_where_infinite(k, v) for k, v in zip(ops, eqn.invars)]
+  absorbed = (
+    -np.inf if name in ('max', 'reduce_max', 'reduce_window_max', 'scatter-max') else np.inf
   )
-  return frozenset(float(v) for v in np.unique(operand[infinite & (np.asarray(counts) == 0)]))
+  try:
+    if name in _SAME_VALUE:
+      return infinities, masks[0]
+    if name in ('neg', 'abs'):
+      return {-v if name == 'neg' else abs(v) for v in infinities}, masks[0]
+    if name == 'pad':
+      padding = np.asarray(ops[1].value if not ops[1].dep else 0.0, float)
+      infinities |= {float(padding)} if np.isinf(padding) else set()
+      return infinities, np.asarray(
+        jax.lax.pad(masks[0], np.isinf(padding), eqn.params['padding_config'])
+      )
+    if any(m is None for m in masks) or -absorbed in infinities and name in _ALL_MAXIMA:
+      return infinities, None  # not known here, or an infinity that a max lets through
+    if name in _ELEMENTWISE_MAX:
+      where = np.logical_and.reduce([np.broadcast_to(m, eqn.outvars[0].aval.shape) for m in masks])
+      return infinities | {absorbed}, where
+    if name in ('reduce_max', 'reduce_min'):
+      return infinities, np.all(masks[0], axis=tuple(eqn.params['axes']))
+    if name in ('reduce_window_max', 'reduce_window_min'):
+      window = {k: eqn.params[k] for k in _WINDOW_PARAMS}
+      members = jax.lax.reduce_window_sum_p.bind((~masks[0]).astype(np.int32), **window)
+      return infinities | {absorbed}, np.asarray(members) == 0  # no finite member
+    if name in positive_pass.SCATTER_MAXIMA:
+      if ops[1].value is None:
+        return infinities | ({absorbed} if masks[0].any() else set()), None
+      members = jax.lax.scatter_add(
+        np.zeros(masks[0].shape, np.int32),
+        ops[1].value,
+        (~masks[2]).astype(np.int32),
+        eqn.params['dimension_numbers'],
+        mode=eqn.params['mode'],
+      )
+      infinities |= {absorbed} if masks[0].any() else set()
+      return infinities, masks[0] & (np.asarray(members) == 0)
+    data = _INDEXING.get(name, range(len(ops)))
+    args = [masks[i] if i in data else ops[i].value for i in range(len(ops))]
+    if len(eqn.outvars) != 1 or any(a is None for a in args):
+      return infinities, None
+    return infinities, np.asarray(
+      eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+    )
+  except Exception:  # noqa: BLE001  (an operation that cannot run on masks: anywhere)
+    return infinities, None
+
+
+_WINDOW_PARAMS = (
+  'window_dimensions',
+  'window_strides',
+  'padding',
+  'base_dilation',
+  'window_dilation',
+)
+_ALL_MAXIMA = _MAXIMA | _ELEMENTWISE_MAX | positive_pass.SCATTER_MAXIMA
 
 
 def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
@@ -542,16 +614,15 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   0)``, ``jnp.where(jnp.isfinite(s), s, 0)``, ``jnp.nan_to_num(s, neginf=0)``). Anything
   else (a sum, a product, a 0 replaced by another value) is refused.
   """
-  plain = [dataclasses.replace(k, infinities=frozenset(), at_infinity=None) for k in ops]
+  plain = [
+    dataclasses.replace(k, infinities=frozenset(), at_infinity=None, infinite_at=None) for k in ops
+  ]
   infinities = frozenset().union(*(k.infinities for k in ops))
-  if name in _PASSED_ON or name in _MAXIMA or name in positive_pass.SCATTER_MAXIMA:
-    out = _elementary(eqn, name, plain)
-    return dataclasses.replace(out, infinities=out.infinities | infinities)
-  if name in ('neg', 'abs'):
-    moved = frozenset(-v if name == 'neg' else abs(v) for v in infinities)
-    return dataclasses.replace(_elementary(eqn, name, plain), infinities=moved)
-  if name in _ELEMENTWISE_MAX:
-    return dataclasses.replace(_elementary(eqn, name, plain), infinities=_past_max(name, ops))
+  if name in _PASSED_ON or name in _ALL_MAXIMA or name in ('neg', 'abs'):
+    out = _tracked(eqn, name, ops, _elementary(eqn, name, plain))
+    if name in ('neg', 'abs') or name in _SAME_VALUE:  # jnp.isinf(s) tests abs(s)
+      out = dataclasses.replace(out, finite_as=ops[0].finite_as or ops[0].ident)
+    return out
   if name in _COMPARISONS or name == 'is_finite':
     return _tested_at_infinity(eqn, name, ops, plain)
   if name == 'not' and ops[0].at_infinity is not None:
@@ -576,16 +647,6 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     'neginf=0), or pool into zeros: jnp.zeros(...).at[ids].max(h)',
   )
   raise AssertionError  # unreachable: _refuse raises
-
-
-def _past_max(name: str, ops: list[_Kind]) -> frozenset:
-  """The infinities an elementwise max (min) lets through: its own kind always, the
-  other only where every operand can be it."""
-  absorbed = -np.inf if name == 'max' else np.inf
-  through = frozenset({-absorbed}) & frozenset().union(*(k.infinities for k in ops))
-  if all(absorbed in k.infinities or _known(k, lambda v: np.all(v == absorbed)) for k in ops):
-    return through | {absorbed}
-  return through
 
 
 def _tested_at_infinity(eqn: jex_core.JaxprEqn, name: str, ops, plain) -> _Kind:
@@ -615,7 +676,7 @@ def _tested_at_infinity(eqn: jex_core.JaxprEqn, name: str, ops, plain) -> _Kind:
       dep=True,
       inp=tested[0].inp,
       gate=True,
-      source=tested[0].ident,
+      source=_root(tested[0]),
       params=tested[0].params,
       on_pass=bool(value.flat[0]),
       value=value,
@@ -624,14 +685,22 @@ def _tested_at_infinity(eqn: jex_core.JaxprEqn, name: str, ops, plain) -> _Kind:
   return dataclasses.replace(_elementary(eqn, name, plain), at_infinity=at_infinity)
 
 
+def _root(kind: _Kind) -> Any:
+  """The activation whose infinite entries ``kind`` shares (itself, or the value it is
+  an ``abs`` or ``neg`` of)."""
+  return kind.finite_as or kind.ident
+
+
 def _guarded(eqn: jex_core.JaxprEqn, ops: list[_Kind], plain: list[_Kind]) -> _Kind:
-  """``select_n`` by a test of a value with infinities: where it is infinite, the case
-  taken must be 0 or pass the infinity on (and is then tracked further)."""
+  """``select_n`` by a test of a value ``s`` with infinities: where ``s`` is infinite,
+  the case taken must be 0 or ``s`` itself (its infinity then tracked further), and a
+  finiteness test must take ``s`` where it is finite: on the pass, where ``s`` is
+  finite everywhere and its infinite entries are no unit, the select is ``s``."""
   test, cases = ops[0], ops[1:]
   kept = set()
   for v, taken in test.at_infinity:
     case = cases[int(taken)]
-    if v in case.infinities:
+    if test.source is not None and test.source in (case.ident, _root(case)):
       kept.add(v)
     elif case.dep or not _known(case, _zero):
       _refuse(
@@ -642,11 +711,17 @@ def _guarded(eqn: jex_core.JaxprEqn, ops: list[_Kind], plain: list[_Kind]) -> _K
       )
   if test.value is not None:  # a finiteness test: one case for every finite value
     out = cases[int(test.value.flat[0])]
-    if kept and not out.dep:
-      _refuse('select_n', 'a constant chosen for the finite entries of a segment_max')
+    if _root(out) is None or _root(out) is not test.source:
+      _refuse(
+        'select_n',
+        'a choice made by testing whether a segment_max has members (jnp.where(jnp.isfinite('
+        's), h, 0) for another h): the pass, where every segment is finite, would always take '
+        'h. Only jnp.where(jnp.isfinite(s), s, 0) and its spellings set the empty ones to 0',
+      )
   else:
     out = _elementary(eqn, 'select_n', plain)
-  return dataclasses.replace(out, infinities=frozenset(kept), at_infinity=None)
+  where = out.infinite_at if kept else None
+  return dataclasses.replace(out, infinities=frozenset(kept), at_infinity=None, infinite_at=where)
 
 
 def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
