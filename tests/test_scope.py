@@ -823,7 +823,7 @@ def test_the_minus_inf_of_empty_windows_and_segments_is_tracked_to_where_it_is()
   ids = jnp.asarray(SPARSE)
   members = (ids[None, :] == jnp.arange(4)[:, None]).astype(jnp.float32)  # (4, 6)
   segment_max = lambda hb: jax.ops.segment_max(hb, ids, num_segments=4)
-  window = dict(window_dimensions=(1, 2, 1), window_strides=(1, 2, 1))
+  window = {'window_dimensions': (1, 2, 1), 'window_strides': (1, 2, 1)}
   pairs = {
     'a global max over nodes': (
       lambda h: jnp.max(jax.vmap(segment_max)(h), axis=1),
