@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import optax
 
 from optax_path._src import general, numerics, scale_state, transform
@@ -54,10 +53,8 @@ def path_geometry(
   an invariant Path-AdaGrad, unlike the paper's chained ``path_adagrad``, whose
   accumulator divides away the factor ``c`` that the normalised gradients carry.
 
-  The rule: ``inner`` must not read the values of ``params``. It is called with their
-  shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves), so an inner that reads no
-  more (``optax.adafactor(..., multiply_by_parameter_scale=False)``) works, and one that
-  reads the values fails loudly. Decoupled weight decay, for one, acts on the raw
+  The rule: ``inner`` must not read ``params`` (it is called with ``params=None``, so
+  one that needs them fails loudly). Decoupled weight decay, for one, acts on the raw
   weights and would break the invariance; add ``path_norm(params) ** p`` to the loss
   instead, which is invariant.
 
@@ -66,12 +63,7 @@ def path_geometry(
   without forming the scales.
 
   Args:
-    inner: any ``optax.GradientTransformation`` that does not read the values of
-      ``params`` (their shapes and dtypes it may).
-
-  Raises:
-    ValueError: from ``update``, if ``inner`` reads the values of ``params``
-      (``optax.adamw``, ``lookahead``, ``lbfgs``), or if ``params`` is not given.
+    inner: any ``optax.GradientTransformation`` that does not read ``params``.
     p: the ``l_p`` path geometry, a number in ``[0.5, 32]``.
     layers: optional layer key paths from input to output (MLP mode).
     apply_fn: a ReLU network's forward pass ``apply_fn(params, x)`` (general mode).
@@ -133,7 +125,7 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
         )
       transform.check_same_structure(updates, params)
       whitened, sqrt_scales, scales = whiten(updates, params, state.scales)
-      step, inner_state = _inner_update(inner, whitened, state.inner_state, params, extra_args)
+      step, inner_state = _inner_update(inner, whitened, state.inner_state, extra_args)
       return map_back(step, sqrt_scales), PathGeometryState(inner_state, scales)
 
     return update_fn
@@ -152,26 +144,26 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
 
 
 INNER_READS_PARAMS_MSG = (
-  "path_geometry calls inner.update with the params' shapes and dtypes only (jax."
-  'ShapeDtypeStruct leaves), by design, and inner reads their values. '
-  "An inner that reads the params (optax.adamw's and add_decayed_weights' weight decay, "
+  'path_geometry calls inner.update with params=None, by design, and inner needs params. '
+  "One that reads their values (optax.adamw's and add_decayed_weights' weight decay, "
   'lookahead, L-BFGS, ...) acts on the raw weights and breaks the rescaling invariance that '
   'path_geometry exists for. Use an inner that does not read params (optax.adam rather '
   'than optax.adamw) and regularise with lam * optax_path.path_norm(params) ** p in the '
   'loss, which is invariant; or chain the weight decay outside: optax.chain('
   'path_geometry(optax.adam(lr)), optax.add_decayed_weights(wd), ...) with its decay '
-  'scaled by hand, accepting that it is not invariant.'
+  'scaled by hand, accepting that it is not invariant. (One that reads only their shapes, '
+  "as optax.adafactor's factored moments do, would keep the invariance, but cannot be told "
+  'apart from the others.)'
 )
 
 
-def _inner_update(inner, whitened, inner_state, params, extra_args):
-  """``inner.update`` with the params' shapes and dtypes only; an inner that reads
-  their values is named for what it is."""
-  shapes = jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype), params)
+def _inner_update(inner, whitened, inner_state, extra_args):
+  """``inner.update`` without params; an inner that needs them is named for what it is."""
   try:
-    return inner.update(whitened, inner_state, shapes, **extra_args)
-  except (TypeError, AttributeError, ValueError) as error:  # arithmetic on a stand-in
-    if 'ShapeDtypeStruct' not in str(error):
+    return inner.update(whitened, inner_state, None, **extra_args)
+  except ValueError as error:  # optax's own words, or a tree operation on params=None
+    reads_none = 'pytree structure' in str(error) and 'NoneType' in str(error)
+    if 'not passing `params`' not in str(error) and not reads_none:
       raise
     raise ValueError(INNER_READS_PARAMS_MSG) from error
 
