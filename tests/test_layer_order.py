@@ -522,3 +522,38 @@ def test_layer_order_refuses_a_network_that_is_not_a_chain(model, says):
     true = optax_path.path_scales(params, apply_fn=linen_apply(model), input_shape=(8,))
     gap = np.abs(chain['Dense_0']['kernel'] / true['Dense_0']['kernel'] - 1).max()
     assert gap > 0.3, gap
+
+
+def test_layer_order_sees_loops_and_products_by_other_params():
+  """A layer applied in a lax.scan was walked as if called once: ['D0', 'D1', 'D2'], with
+  which the MLP mode computes the scales of a 3-layer chain, not of D1 applied 3 times. A product by a
+  param that is no kernel (a 1-D head, a 'proj' matrix) made layer_order fail with a
+  KeyError. Expected: the loop and the products in the chain refused with ValueError; a
+  one-hot embedding before the first layer is part of the input, as before."""
+  relu = jax.nn.relu
+  dense = lambda a, b: {'kernel': jnp.ones((a, b))}
+  in_scan = (
+    {'D0': dense(4, 4), 'D1': dense(4, 4), 'D2': dense(4, 2)},
+    lambda q, x: jax.lax.scan(
+      lambda h, _: (relu(h @ q['D1']['kernel']), None), relu(x @ q['D0']['kernel']), None, length=3
+    )[0] @ q['D2']['kernel'],
+  )
+  with pytest.raises(ValueError, match='D0, D1 are used inside a loop'):
+    optax_path.layer_order(in_scan[0], apply_fn=in_scan[1], input_shape=(4,))
+  refused = {
+    'the output is computed from v (no kernel)': (
+      {'D0': dense(4, 3), 'D1': dense(3, 2), 'v': jnp.ones(2)},
+      lambda q, x: relu(relu(x @ q['D0']['kernel']) @ q['D1']['kernel']) @ q['v'],
+    ),
+    'the input of D1 is computed from proj (no kernel)': (
+      {'D0': dense(4, 3), 'proj': jnp.ones((3, 3)), 'D1': dense(3, 2)},
+      lambda q, x: relu(relu(x @ q['D0']['kernel']) @ q['proj']) @ q['D1']['kernel'],
+    ),
+  }
+  for says, (params, apply_fn) in refused.items():
+    with pytest.raises(ValueError, match=re.escape(says) + '.*general mode'):
+      optax_path.layer_order(params, apply_fn=apply_fn, input_shape=(4,))
+  embedded = {'E': jnp.ones((5, 4)), 'D0': dense(4, 3), 'D1': dense(3, 2)}
+  one_hot = lambda q, x: jax.nn.one_hot(x[:, 0].astype(int), 5) @ q['E']
+  apply_fn = lambda q, x: relu(relu(one_hot(q, x) @ q['D0']['kernel']) @ q['D1']['kernel'])
+  assert optax_path.layer_order(embedded, apply_fn=apply_fn, input_shape=(4,)) == ['D0', 'D1']

@@ -24,7 +24,10 @@ _INPUT = -1  # marks values computed from the network's input
 
 
 def _inner_jaxpr(eqn) -> Any | None:
-  """The body of a call-like equation whose inputs are the equation's own, or None."""
+  """The body of a call-like equation whose inputs are the equation's own, or None (a
+  loop or branch: its body may run several times, or not at all)."""
+  if eqn.primitive.name in ('scan', 'while', 'cond'):
+    return None
   for name in _INNER_JAXPR_PARAMS:
     inner = eqn.params.get(name)
     inner = getattr(inner, 'jaxpr', inner)
@@ -46,13 +49,13 @@ def _has_body(eqn) -> bool:
 
 class _Trace:
   """What ``_walk`` finds: per value, the leaves it is computed from (``sources``) and
-  the last products on its paths from the input (``frontier``: the weight leaves of the
-  latest matrix products, or ``_INPUT``); in program order, the weight leaf of each
+  the last dense layers on its paths from the input (``frontier``: the kernels of the
+  latest matrix products by a kernel, or ``_INPUT``); in program order, the weight leaf of each
   product (``uses``) and the frontier of its other operand (``feeds``); and the leaves
   that flow into loops or branches it cannot see into (``opaque``)."""
 
-  def __init__(self, sources: dict, frontier: dict):
-    self.sources, self.frontier = sources, frontier
+  def __init__(self, sources: dict, frontier: dict, kernels):
+    self.sources, self.frontier, self.kernels = sources, frontier, kernels
     self.uses: list[int] = []
     self.feeds: list[frozenset] = []
     self.opaque: set[int] = set()
@@ -81,7 +84,9 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
         data = [f for d, f in zip(inputs, fronts) if not (len(d) == 1 and _INPUT not in d)]
         trace.uses.extend(weights)
         trace.feeds.extend([frozenset().union(*data)] * len(weights))
-        front = frozenset(weights) or front
+        if weights and not (set(weights) - trace.kernels and front == {_INPUT}):
+          front = frozenset(weights)  # a product by a param that is no kernel: on the input
+          # side (one_hot(x) @ E) part of the input, elsewhere a map the chain does not see
       elif _has_body(eqn):
         trace.opaque.update(i for d in inputs for i in d if i != _INPUT)
       outputs, out_fronts = [union] * len(eqn.outvars), [front] * len(eqn.outvars)
@@ -173,7 +178,7 @@ def layer_order(
     ) from error
   sources = {v: frozenset([i]) for v, i in zip(jaxpr.invars, arrays)}
   sources[jaxpr.invars[-1]] = frozenset([_INPUT])
-  trace = _Trace(sources, {jaxpr.invars[-1]: frozenset([_INPUT])})
+  trace = _Trace(sources, {jaxpr.invars[-1]: frozenset([_INPUT])}, set(kernels))
   output = frozenset().union(*_walk(jaxpr, trace))
   uses, opaque = trace.uses, trace.opaque
   name = lambda i: layers_lib.format_path(kernels[i])
@@ -201,7 +206,10 @@ def layer_order(
       'trace of apply_fn (unused, or applied inside a loop such as nn.scan): list the '
       'layers from input to output by hand with layers=.'
     )
-  _check_chain(order, [f for i, f in zip(uses, trace.feeds) if i in kernels], output, name)
+  def describe(i):
+    return name(i) if i in kernels else f'{layers_lib.format_path(named_leaves[i][0])} (no kernel)'
+
+  _check_chain(order, [f for i, f in zip(uses, trace.feeds) if i in kernels], output, describe)
   return [layers_lib.format_path(kernels[i]) for i in order]
 
 
@@ -220,7 +228,8 @@ def _not_a_chain(what: str, front: frozenset, name) -> None:
   sources = sorted('the input' if i == _INPUT else f'{name(i)}' for i in front) or ['no layer']
   raise ValueError(
     f'apply_fn is not a chain of dense layers: {what} is computed from {" and ".join(sources)} '
-    '(a residual or skip connection, a concatenation, branches or several heads). The MLP mode '
+    '(a residual or skip connection, a concatenation, branches or several heads, a product '
+    "by a param that is no dense layer's kernel). The MLP mode "
     'sees only a chain, so its path scales would be those of another network: use the general '
     'mode (apply_fn=, input_shape=), which counts every path of this one.'
   )
