@@ -641,7 +641,8 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   _refuse(
     name,
     f'a value that is {signs} where a segment_max or segment_min pools no member (a graph '
-    'node without neighbours), or a test of one: on the pass such a node is no unit, so the '
+    'node without neighbours; also a max pool of padding alone, a -inf pad), or a test of '
+    'one: on the pass such a node is no unit, so the '
     'pass would count paths that the network does not have. Set those entries to 0 first, '
     'with jnp.maximum(s, 0), jnp.where(jnp.isfinite(s), s, 0) or jnp.nan_to_num(s, '
     'neginf=0), or pool into zeros: jnp.zeros(...).at[ids].max(h)',
