@@ -1066,3 +1066,26 @@ def test_masks_and_placed_constants_that_would_cut_or_negate_paths_are_refused()
     optax_path.path_norm(PARAMS, 1.0, apply_fn=summed, input_shape=(2,)),
     rtol=1e-6,
   )
+
+
+def test_a_relu_written_with_where_inside_shard_map_is_evaluated_as_before():
+  """The pass now reads a NaN as inf in comparisons, a rewrite it cannot make inside
+  shard_map; it refused jnp.where(z > 0, z, 0) there ('a substitution inside shard_map'),
+  which it evaluated rightly before. Expected: the net without shard_map."""
+  mesh = jax.make_mesh((1,), ('d',))
+  spec = jax.sharding.PartitionSpec()
+
+  def body(x, w1, w2):
+    z = x @ w1
+    return jnp.where(z > 0, z, 0.0) @ w2
+
+  def sharded(q, x):
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(x, q['w1'], q['w2'])
+
+  params = {'w1': PARAMS['w1'], 'w2': PARAMS['w2']}
+  plain = lambda q, x: body(x, q['w1'], q['w2'])
+  for p in (1.0, 2.0):
+    got = optax_path.path_scales(params, p, apply_fn=sharded, input_shape=(2,))
+    want = optax_path.path_scales(params, p, apply_fn=plain, input_shape=(2,))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -178,8 +178,9 @@ def _is_max_computation(jaxpr: jex_core.Jaxpr) -> bool:
   return len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive.name in _ELEMENTWISE_MAX
 
 
-def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
-  """What ``_eval`` does with ``eqn``: ``None`` binds it as traced."""
+def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> str | None:
+  """What ``_eval`` does with ``eqn``: ``None`` binds it as traced. Without ``soft``,
+  only what the pass cannot do without (not the reading of a NaN as ``inf``)."""
   name = eqn.primitive.name
   if not any(dependent):
     return None
@@ -202,7 +203,7 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   if name == 'reduce_window':
     body = eqn.params['jaxpr']
     body = body.jaxpr if isinstance(body, jex_core.ClosedJaxpr) else body
-    return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent)
+    return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent, soft)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
@@ -210,10 +211,10 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
   if is_finiteness_test(eqn, dependent):
     return 'finite_value'
   if name in _COMPARISONS:
-    return 'compare_nan_as_inf'
+    return 'compare_nan_as_inf' if soft else None
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
-  return _nested_rule(eqn, dependent)
+  return _nested_rule(eqn, dependent, soft)
 
 
 def is_finiteness_test(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> bool:
@@ -242,35 +243,35 @@ def finite_value(eqn: jex_core.JaxprEqn, dependent: list[bool], values: list[Any
   return eqn.primitive.bind(*zeros, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> str | None:
+def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool) -> str | None:
   name = eqn.primitive.name
   if name in _CALLS and _CALLS[name] in eqn.params:
     body, _ = _open(eqn.params[_CALLS[name]])
-    return 'inline' if _rewrites(body, dependent) else None
+    return 'inline' if _rewrites(body, dependent, soft) else None
   if name == 'cond':
     branches = eqn.params['branches']
-    return 'cond' if any(_rewrites(b.jaxpr, dependent[1:]) for b in branches) else None
+    return 'cond' if any(_rewrites(b.jaxpr, dependent[1:], soft) for b in branches) else None
   if name == 'scan':  # rewritten, also where a constant initial carry must enter as |c|
     inner = _scan_body_flags(eqn, dependent)
     constant_init = any(i and not d for i, d in zip(inner, dependent))
-    return 'scan' if constant_init or _rewrites(eqn.params['jaxpr'].jaxpr, inner) else None
+    return 'scan' if constant_init or _rewrites(eqn.params['jaxpr'].jaxpr, inner, soft) else None
   for body in _params_jaxprs(eqn.params):
     jaxpr, _ = _open(body)
     if len(jaxpr.invars) == len(dependent):
       inner = dependent
     else:  # a body whose inputs are not the eqn's: count them all as activations
       inner = [True] * len(jaxpr.invars)
-    if _rewrites(jaxpr, inner):
+    if _rewrites(jaxpr, inner, soft=False):  # inside shard_map, while: comparisons as they are
       return 'unsupported'
   return None
 
 
-def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool]) -> bool:
-  """Whether evaluating ``jaxpr`` needs a substitution."""
+def _rewrites(jaxpr: jex_core.Jaxpr, dependent_invars: list[bool], soft: bool = True) -> bool:
+  """Whether evaluating ``jaxpr`` needs a substitution (see ``_rule`` for ``soft``)."""
   dependent = dict(zip(jaxpr.invars, dependent_invars))
   for eqn in jaxpr.eqns:
     flags = [_is_dependent(v, dependent) for v in eqn.invars]
-    if _rule(eqn, flags) is not None:
+    if _rule(eqn, flags, soft) is not None:
       return True
     for v in eqn.outvars:
       dependent[v] = any(flags)
