@@ -1089,3 +1089,64 @@ def test_a_relu_written_with_where_inside_shard_map_is_evaluated_as_before():
     want = optax_path.path_scales(params, p, apply_fn=plain, input_shape=(2,))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_a_second_breaker_round_on_the_minus_inf_of_empty_segments():
+  """Found by a helper after the tracking landed, each accepted with wrong scales or
+  refused wrongly. Refused now: a min that passes one member's -inf on (the network is
+  -inf there, the pass sums the other member in: w1 scales 52.5 for 42), a min over nodes
+  and a scatter-min of a segment_max, a test moved before it chooses, an add into a -inf
+  constant (phi inf), a generic reduce_window over a window of padding alone (b scales
+  26.25 for 15.75). Accepted, equal to the sum-pool reference: a max with a gather that
+  fills -inf out of range (the pass filled -inf: b 26.25 for 31.5), a guard by a constant
+  count of members, and a ReLU mapped over the nodes by lax.map (refused before)."""
+  params = jax.tree.map(jnp.asarray, GRAPH_PARAMS)
+  ids = jnp.asarray(SPARSE)
+  members = (ids[None, :] == jnp.arange(4)[:, None]).astype(jnp.float32)
+  seg = jax.vmap(lambda hb: jax.ops.segment_max(hb, ids, num_segments=4))
+  fin = lambda s: jnp.where(jnp.isfinite(s), s, 0.0)
+  net = lambda pool: lambda q, x: jax.nn.relu(pool(jax.nn.relu(x @ q['w1'])) + q['b']) @ q['w2']
+  scales = lambda f: optax_path.path_scales(params, apply_fn=f, input_shape=(6, 2))
+  padding = ((0, 0), (2, 2), (0, 0))
+  refused = {
+    'passes on the -inf': lambda h: fin(jnp.minimum(seg(h), h[:, :4])),
+    'a min over nodes': lambda h: fin(jnp.min(seg(h), axis=1, keepdims=True)),
+    'scatter-min': lambda h: fin(
+      jax.vmap(lambda r: jnp.zeros((2, 4)).at[jnp.array([0, 0, 1, 1])].min(r))(seg(h))
+    ),
+    'moved test': lambda h: fin(jnp.where(jnp.flip(jnp.isfinite(seg(h)), 1), seg(h), 0.0)),
+    'add into -inf': lambda h: fin(
+      jax.vmap(
+        lambda r: (
+          (jnp.array([[0.0], [-jnp.inf], [0.0], [-jnp.inf]]) * jnp.ones((1, 4))).at[ids].add(r)
+        )
+      )(h)
+    ),
+    'generic reduce_window': lambda h: jax.lax.reduce_window(
+      h, -jnp.inf, jnp.maximum, (1, 2, 1), (1, 2, 1), padding
+    ),
+  }
+  for name, pool in refused.items():
+    with pytest.raises(ValueError, match='-inf|infinite constant'):
+      scales(net(pool))
+  shifted = jnp.arange(1, 7)  # 6 is out of range
+  accepted = {
+    'gather fill -inf': (
+      lambda h: jnp.maximum(h, h.at[:, shifted].get(mode='fill', fill_value=-jnp.inf)),
+      lambda h: h + h.at[:, shifted].get(mode='fill', fill_value=0.0),
+    ),
+    'a constant count': (
+      lambda h: jnp.where(
+        jax.ops.segment_sum(jnp.ones(6), ids, num_segments=4)[None, :, None] > 0, seg(h), 0.0
+      ),
+      lambda h: members @ h,
+    ),
+    'lax.map relu': (
+      lambda h: jax.lax.map(jax.nn.relu, seg(h)[0])[None],
+      lambda h: members @ h,
+    ),
+  }
+  for name, (pool, reference) in accepted.items():
+    got, want = scales(net(pool)), scales(net(reference))
+    for leaf in params:
+      np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, err_msg=f'{name}: {leaf}')

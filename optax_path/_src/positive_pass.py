@@ -208,6 +208,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'pad_finite' if dependent[0] and not dependent[1] else None
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
     return 'constant_magnitudes' if not all(dependent[i] for i in PLACING[name]) else None
+  if name == 'gather' and dependent[0] and 'FILL' in str(eqn.params['mode']):
+    return 'gather_fill_zero'  # an index out of range is no unit
   if is_finiteness_test(eqn, dependent):
     return 'finite_value'
   if name in _COMPARISONS:
@@ -342,6 +344,9 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(values[0], values[1])]
   if rule == 'identity':
     return [values[0]]
+  if rule == 'gather_fill_zero':
+    zero = {**eqn.primitive.get_bind_params(params), 'fill_value': 0}
+    return [eqn.primitive.bind(*values, **zero)]
   if rule == 'finite_value':  # overflow on the pass stays inf, never dropped by a guard
     return [finite_value(eqn, flags, values)]
   if rule == 'pass_on':

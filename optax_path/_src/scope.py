@@ -364,6 +364,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     placed = name in ('scatter', 'dynamic_update_slice')  # sets entries, rather than adds
     if placed and any(k.inp for k in data) and not all(k.dep or _known(k, _zero) for k in data):
       refuse('a constant other than 0 put in place of activations (h.at[i].set(c), a mask)')
+    if any(k.inp for k in data) and any(_known_non_finite(k) for k in data):
+      refuse('an infinite constant among the activations (a -inf mask before a max)')
     return _join(data)
   if name in _SUMS:
     if any(k.gate and k.of_params for k in ops):
@@ -518,7 +520,8 @@ _PASSED_ON = (
 
 
 _MAY_CREATE_INFINITIES = frozenset(
-  {'pad', 'reduce_window_max', 'reduce_window_min', *positive_pass.SCATTER_MAXIMA}
+  {'pad', 'gather', 'reduce_window', 'reduce_window_max', 'reduce_window_min'}
+  | positive_pass.SCATTER_MAXIMA
 )
 
 
@@ -536,10 +539,15 @@ def _where_infinite(kind: _Kind, var: Any) -> np.ndarray | None:
   if kind.dep:
     if not kind.infinities:
       return np.zeros(shape, bool)
-    return None if kind.infinite_at is None else np.broadcast_to(kind.infinite_at, shape)
-  if kind.value is None:
+    where = kind.infinite_at
+  elif kind.value is None:
     return None
-  return np.broadcast_to(np.isinf(np.asarray(kind.value, float)), shape)
+  else:
+    where = np.isinf(np.asarray(kind.value, float))
+  try:
+    return None if where is None else np.broadcast_to(where, shape)
+  except ValueError:  # a scan's xs, which the body sees a slice of: not known here
+    return None
 
 
 def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple[set, Any]:
@@ -547,9 +555,7 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
   and where they are (found by applying the operation to where its operands' are)."""
   infinities = set().union(*(k.infinities for k in ops))
   masks = [_where_infinite(k, v) for k, v in zip(ops, eqn.invars)]
-  absorbed = (
-    -np.inf if name in ('max', 'reduce_max', 'reduce_window_max', 'scatter-max') else np.inf
-  )
+  absorbed = -np.inf if name in _MAXIMA_OF_MAX or _body_op(eqn) == 'max' else np.inf
   try:
     if name in _SAME_VALUE:
       return infinities, masks[0]
@@ -561,17 +567,36 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
       return infinities, np.asarray(
         jax.lax.pad(masks[0], np.isinf(padding), eqn.params['padding_config'])
       )
+    shape = eqn.outvars[0].aval.shape
+    finite_member = any(m is not None and not m.any() for m in masks)
+    if name in _ELEMENTWISE_MAX and finite_member and -absorbed not in infinities:
+      return infinities, np.zeros(shape, bool)  # max(s, 0) is never -inf
     if any(m is None for m in masks) or -absorbed in infinities and name in _ALL_MAXIMA:
       return infinities, None  # not known here, or an infinity that a max lets through
     if name in _ELEMENTWISE_MAX:
-      where = np.logical_and.reduce([np.broadcast_to(m, eqn.outvars[0].aval.shape) for m in masks])
+      where = np.logical_and.reduce([np.broadcast_to(m, shape) for m in masks])
       return infinities | {absorbed}, where
     if name in ('reduce_max', 'reduce_min'):
       return infinities, np.all(masks[0], axis=tuple(eqn.params['axes']))
-    if name in ('reduce_window_max', 'reduce_window_min'):
+    if name in ('reduce_window_max', 'reduce_window_min', 'reduce_window'):
+      if name == 'reduce_window':  # jax.lax.reduce_window(h, -inf, jnp.maximum, ...)
+        if len(ops) != 2 or _body_op(eqn) not in ('max', 'min') or ops[1].value is None:
+          return infinities, None
+        absorbed = float(ops[1].value) if np.isinf(ops[1].value) else None
       window = {k: eqn.params[k] for k in _WINDOW_PARAMS}
       members = jax.lax.reduce_window_sum_p.bind((~masks[0]).astype(np.int32), **window)
-      return infinities | {absorbed}, np.asarray(members) == 0  # no finite member
+      empty = np.asarray(members) == 0  # no finite member: the init value, or the infinity
+      return infinities | ({absorbed} - {None}), empty if absorbed is not None else masks[0] & empty
+    if name == 'gather':
+      fill = eqn.params.get('fill_value')
+      filled = fill is not None and np.isinf(fill) and 'FILL' in str(eqn.params['mode'])
+      params = {**eqn.params, 'fill_value': bool(filled)}
+      where = jax.lax.gather_p.bind(masks[0], ops[1].value, **params)
+      return infinities | ({float(fill)} if filled else set()), np.asarray(where)
+    if name == 'select_n':  # a choice known here (where(counts > 0, s, 0)): case by case
+      if ops[0].dep or ops[0].value is None:
+        return infinities, None
+      return infinities, np.asarray(jax.lax.select_n(ops[0].value, *masks[1:]))
     if name in positive_pass.SCATTER_MAXIMA:
       if ops[1].value is None:
         return infinities | ({absorbed} if masks[0].any() else set()), None
@@ -603,6 +628,15 @@ _WINDOW_PARAMS = (
   'window_dilation',
 )
 _ALL_MAXIMA = _MAXIMA | _ELEMENTWISE_MAX | positive_pass.SCATTER_MAXIMA
+_MAXIMA_OF_MAX = frozenset({'max', 'reduce_max', 'reduce_window_max', 'scatter-max'})
+
+
+def _body_op(eqn: jex_core.JaxprEqn) -> str | None:
+  """The one operation of a generic ``reduce_window``'s computation, if one."""
+  body = eqn.params.get('jaxpr')
+  jaxpr = getattr(body, 'jaxpr', body)
+  eqns = getattr(jaxpr, 'eqns', [])
+  return eqns[0].primitive.name if len(eqns) == 1 else None
 
 
 def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
@@ -618,7 +652,16 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     dataclasses.replace(k, infinities=frozenset(), at_infinity=None, infinite_at=None) for k in ops
   ]
   infinities = frozenset().union(*(k.infinities for k in ops))
-  if name in _PASSED_ON or name in _ALL_MAXIMA or name in ('neg', 'abs'):
+  moved_test = any(k.at_infinity is not None for k in ops) and name not in ('not', 'select_n')
+  pools = name in _ALL_MAXIMA or (name == 'reduce_window' and _body_op(eqn) in ('max', 'min'))
+  if not moved_test and pools and _lets_through(eqn, name, ops):
+    _refuse(
+      name,
+      'a max or min that passes on the -inf of an empty segment or window of another of its '
+      'members (jnp.minimum(s, h), a min over nodes): on the pass it sums them, counting the '
+      "other's paths where the network has the -inf. Set it to 0 first",
+    )
+  if not moved_test and (name in _PASSED_ON or pools or name in ('neg', 'abs')):
     out = _tracked(eqn, name, ops, _elementary(eqn, name, plain))
     if name in ('neg', 'abs') or name in _SAME_VALUE:  # jnp.isinf(s) tests abs(s)
       out = dataclasses.replace(out, finite_as=ops[0].finite_as or ops[0].ident)
@@ -636,7 +679,7 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if not any(k.at_infinity is not None for k in ops[1:]):
       return _guarded(eqn, ops, plain)
   elif name == 'select_n' and not any(k.at_infinity is not None for k in ops[1:]):
-    return dataclasses.replace(_elementary(eqn, name, plain), infinities=infinities)
+    return _tracked(eqn, name, ops, _elementary(eqn, name, plain))
   signs = ' or '.join(sorted('inf' if v > 0 else '-inf' for v in infinities)) or '-inf'
   _refuse(
     name,
@@ -648,6 +691,17 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     'neginf=0), or pool into zeros: jnp.zeros(...).at[ids].max(h)',
   )
   raise AssertionError  # unreachable: _refuse raises
+
+
+def _lets_through(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> bool:
+  """Whether a max (min) of several members can pass on a ``-inf`` (``inf``) of one,
+  which is not its identity, while the pass sums the members."""
+  through = np.inf if name in _MAXIMA_OF_MAX or _body_op(eqn) == 'max' else -np.inf
+  if name in _ELEMENTWISE_MAX:
+    return any(through in k.infinities for k in ops) and sum(k.dep for k in ops) > 1
+  return through in ops[0].infinities or (
+    name in positive_pass.SCATTER_MAXIMA and through in ops[2].infinities
+  )
 
 
 def _tested_at_infinity(eqn: jex_core.JaxprEqn, name: str, ops, plain) -> _Kind:
@@ -787,8 +841,9 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
     for v in values
     if hasattr(v, 'dtype')
   )
-  if not small or any(_is_jaxpr(v) for v in eqn.params.values()):
-    return [None] * n_out
+  scatter = eqn.primitive.name in positive_pass.PLACING or eqn.primitive.name in _ALL_MAXIMA
+  if not small or (any(_is_jaxpr(v) for v in eqn.params.values()) and not scatter):
+    return [None] * n_out  # a scatter's update_jaxpr is no body of ours: counts fold
   try:
     out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
   except Exception:  # noqa: BLE001  (a primitive that cannot run here: the value is unknown)
