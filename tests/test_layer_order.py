@@ -538,7 +538,7 @@ def test_layer_order_sees_loops_and_products_by_other_params():
       lambda h, _: (relu(h @ q['D1']['kernel']), None), relu(x @ q['D0']['kernel']), None, length=3
     )[0] @ q['D2']['kernel'],
   )
-  with pytest.raises(ValueError, match='D0, D1 are used inside a loop'):
+  with pytest.raises(ValueError, match='The kernels of D1 are used inside a loop'):
     optax_path.layer_order(in_scan[0], apply_fn=in_scan[1], input_shape=(4,))
   refused = {
     'the output is computed from v (no kernel)': (
@@ -557,3 +557,24 @@ def test_layer_order_sees_loops_and_products_by_other_params():
   one_hot = lambda q, x: jax.nn.one_hot(x[:, 0].astype(int), 5) @ q['E']
   apply_fn = lambda q, x: relu(relu(one_hot(q, x) @ q['D0']['kernel']) @ q['D1']['kernel'])
   assert optax_path.layer_order(embedded, apply_fn=apply_fn, input_shape=(4,)) == ['D0', 'D1']
+
+
+def test_a_loop_without_layers_passes_and_a_param_that_scales_units_breaks_the_chain():
+  """Second round: a fori_loop, lax.map or cond with no layer inside, between two layers,
+  was refused as 'kernels used inside a loop' (every leaf flowing in counted); a
+  LayerScale ``h * g`` between layers was accepted, and the MLP mode, with g routed away
+  as its message advises, gave scales 0.06 to 100 times the network's."""
+  relu = jax.nn.relu
+  params = {'a': {'kernel': jnp.ones((4, 4))}, 'b': {'kernel': jnp.ones((4, 2))}}
+  between = {
+    'fori_loop': lambda h: jax.lax.fori_loop(0, 2, lambda i, h: h * 1.0, h),
+    'lax.map': lambda h: jax.lax.map(lambda r: r[::-1], h),
+    'cond': lambda h: jax.lax.cond(True, lambda h: h, lambda h: 2 * h, h),
+  }
+  for name, middle in between.items():
+    apply_fn = lambda q, x, m=middle: m(relu(x @ q['a']['kernel'])) @ q['b']['kernel']
+    assert optax_path.layer_order(params, apply_fn=apply_fn, input_shape=(4,)) == ['a', 'b'], name
+  scaled = {**params, 'g': jnp.ones(4)}
+  apply_fn = lambda q, x: (relu(x @ q['a']['kernel']) * q['g']) @ q['b']['kernel']
+  with pytest.raises(ValueError, match=re.escape('the input of b is computed from g (no kernel)')):
+    optax_path.layer_order(scaled, apply_fn=apply_fn, input_shape=(4,))

@@ -87,12 +87,37 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
         if weights and not (set(weights) - trace.kernels and front == {_INPUT}):
           front = frozenset(weights)  # a product by a param that is no kernel: on the input
           # side (one_hot(x) @ E) part of the input, elsewhere a map the chain does not see
+      elif eqn.primitive.name in ('mul', 'div'):
+        factors = [next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d]
+        if factors and front != {_INPUT}:  # h * g, a param that scales units (LayerScale)
+          front = frozenset(factors)
       elif _has_body(eqn):
-        trace.opaque.update(i for d in inputs for i in d if i != _INPUT)
+        trace.opaque.update(_kernels_in_bodies(eqn, inputs, trace.kernels))
       outputs, out_fronts = [union] * len(eqn.outvars), [front] * len(eqn.outvars)
     trace.sources.update(zip(eqn.outvars, outputs))
     trace.frontier.update(zip(eqn.outvars, out_fronts))
   return [trace.read(trace.frontier, v) for v in jaxpr.outvars]
+
+
+def _kernels_in_bodies(eqn, inputs: list[frozenset], kernels: set[int]) -> set[int]:
+  """The kernels that a loop's or branch's bodies apply (or that they hide in loops of
+  their own): those the trace cannot order."""
+  found: set[int] = set()
+  for value in eqn.params.values():
+    for body in value if isinstance(value, (tuple, list)) else [value]:
+      jaxpr = getattr(body, 'jaxpr', body)
+      if not isinstance(jaxpr, jex_core.Jaxpr):
+        continue
+      if len(jaxpr.invars) == len(inputs):
+        sources = dict(zip(jaxpr.invars, inputs))
+      elif len(jaxpr.invars) == len(inputs) - 1:  # a cond's branches: not its index
+        sources = dict(zip(jaxpr.invars, inputs[1:]))
+      else:  # a while's bodies: each input may be any of them
+        sources = dict.fromkeys(jaxpr.invars, frozenset().union(*inputs))
+      inner = _Trace(sources, {}, kernels)
+      _walk(jaxpr, inner)
+      found |= {i for i in inner.uses if i in kernels} | inner.opaque
+  return found
 
 
 def layer_order(
