@@ -1150,3 +1150,25 @@ def test_a_second_breaker_round_on_the_minus_inf_of_empty_segments():
     got, want = scales(net(pool)), scales(net(reference))
     for leaf in params:
       np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, err_msg=f'{name}: {leaf}')
+
+
+def test_a_max_pool_that_starts_from_a_constant_is_a_clip():
+  """lax.reduce_window(h, 5.0, jnp.maximum, ...) is max(5, window): a clip, no max pool.
+  It was accepted, its phi that of the max pool from -inf. Expected: refused; from 0 (a
+  ReLU of the pool) or -inf, accepted, equal."""
+
+  def net(init):
+    return lambda q, x: (
+      jax.lax.reduce_window(
+        jax.nn.relu(x @ q['w1']), init, jnp.maximum, (1, 2, 1), (1, 2, 1), 'VALID'
+      )
+      @ q['w2']
+    )
+
+  params = {'w1': PARAMS['w1'], 'w2': PARAMS['w2']}
+  norms = [
+    optax_path.path_norm(params, apply_fn=net(c), input_shape=(4, 2)) for c in (-jnp.inf, 0.0)
+  ]
+  np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
+  with pytest.raises(ValueError, match='starts from a constant other than 0'):
+    optax_path.path_norm(params, apply_fn=net(5.0), input_shape=(4, 2))

@@ -554,9 +554,9 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
   """The infinities of an operation that passes entries on, pools them by a max, or pads,
   and where they are (found by applying the operation to where its operands' are)."""
   infinities = set().union(*(k.infinities for k in ops))
-  masks = [_where_infinite(k, v) for k, v in zip(ops, eqn.invars)]
   absorbed = -np.inf if name in _MAXIMA_OF_MAX or _body_op(eqn) == 'max' else np.inf
   try:
+    masks = [_where_infinite(k, v) for k, v in zip(ops, eqn.invars)]
     if name in _SAME_VALUE:
       return infinities, masks[0]
     if name in ('neg', 'abs'):
@@ -586,7 +586,9 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
       window = {k: eqn.params[k] for k in _WINDOW_PARAMS}
       members = jax.lax.reduce_window_sum_p.bind((~masks[0]).astype(np.int32), **window)
       empty = np.asarray(members) == 0  # no finite member: the init value, or the infinity
-      return infinities | ({absorbed} - {None}), empty if absorbed is not None else masks[0] & empty
+      if absorbed is None:  # a finite init: never infinite
+        return infinities, np.zeros(empty.shape, bool)
+      return infinities | {absorbed}, empty
     if name == 'gather':
       fill = eqn.params.get('fill_value')
       filled = fill is not None and np.isinf(fill) and 'FILL' in str(eqn.params['mode'])
@@ -793,6 +795,9 @@ def _reduction(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   data = _join(ops[: len(ops) // 2])
   if data.of_params and inner[0] != 'add':
     _refuse_of_params(name, 'max', ops)
+  start = {'add': _zero, 'max': _zero_or_minus_inf, 'min': _zero_or_inf}[inner[0]]
+  if data.inp and not all(_known(k, start) for k in ops[len(ops) // 2 :]):
+    _refuse(name, f'a {inner[0]} over windows that starts from a constant other than 0 (a clip)')
   return data
 
 
