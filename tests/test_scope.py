@@ -1172,3 +1172,32 @@ def test_a_max_pool_that_starts_from_a_constant_is_a_clip():
   np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
   with pytest.raises(ValueError, match='starts from a constant other than 0'):
     optax_path.path_norm(params, apply_fn=net(5.0), input_shape=(4, 2))
+
+
+def test_segment_ids_not_known_when_checked_still_leave_a_minus_inf():
+  """Ids that a lax.scan slices from its xs are not known to the check. The -inf of the
+  empty nodes was then dropped: relu(s + b) was accepted with b scales twice the
+  network's (21.0 for 10.5: 2 of the 4 nodes are empty). Expected: refused unguarded, as
+  with the ids closed over; guarded, equal to the fixed 0/1 matrix."""
+  params = jax.tree.map(jnp.asarray, GRAPH_PARAMS)
+  ids = jnp.asarray(SPARSE)
+  members = (ids[None, :] == jnp.arange(4)[:, None]).astype(jnp.float32)
+
+  def net(guard):
+    def apply_fn(q, x):
+      h = jax.nn.relu(x @ q['w1'])
+      pool = jax.vmap(lambda hb, i: jax.ops.segment_max(hb, i, num_segments=4), (0, None))
+      s = jax.lax.scan(lambda c, i: (c, pool(h, i)), 0.0, ids[None])[1][0]
+      return jax.nn.relu(guard(s) + q['b']) @ q['w2']
+
+    return apply_fn
+
+  with pytest.raises(ValueError, match='-inf where a segment_max'):
+    optax_path.path_scales(params, apply_fn=net(lambda s: s), input_shape=(6, 2))
+  got = optax_path.path_scales(
+    params, apply_fn=net(lambda s: jnp.where(jnp.isfinite(s), s, 0.0)), input_shape=(6, 2)
+  )
+  reference = lambda q, x: jax.nn.relu(members @ jax.nn.relu(x @ q['w1']) + q['b']) @ q['w2']
+  want = optax_path.path_scales(params, apply_fn=reference, input_shape=(6, 2))
+  for leaf in params:
+    np.testing.assert_allclose(got[leaf], want[leaf], rtol=1e-5, err_msg=leaf)

@@ -571,7 +571,8 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
     finite_member = any(m is not None and not m.any() for m in masks)
     if name in _ELEMENTWISE_MAX and finite_member and -absorbed not in infinities:
       return infinities, np.zeros(shape, bool)  # max(s, 0) is never -inf
-    if any(m is None for m in masks) or -absorbed in infinities and name in _ALL_MAXIMA:
+    data = (0, 2) if name in positive_pass.SCATTER_MAXIMA else _INDEXING.get(name, range(len(ops)))
+    if any(masks[i] is None for i in data) or -absorbed in infinities and name in _ALL_MAXIMA:
       return infinities, None  # not known here, or an infinity that a max lets through
     if name in _ELEMENTWISE_MAX:
       where = np.logical_and.reduce([np.broadcast_to(m, shape) for m in masks])
@@ -611,7 +612,6 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
       )
       infinities |= {absorbed} if masks[0].any() else set()
       return infinities, masks[0] & (np.asarray(members) == 0)
-    data = _INDEXING.get(name, range(len(ops)))
     args = [masks[i] if i in data else ops[i].value for i in range(len(ops))]
     if len(eqn.outvars) != 1 or any(a is None for a in args):
       return infinities, None
