@@ -36,17 +36,6 @@ def _inner_jaxpr(eqn) -> Any | None:
   return None
 
 
-def _has_body(eqn) -> bool:
-  """Whether an equation carries a jaxpr of its own (a loop, a branch, a call)."""
-  def is_jaxpr(value):
-    return isinstance(getattr(value, 'jaxpr', value), jex_core.Jaxpr)
-
-  return any(
-    is_jaxpr(v) or (isinstance(v, (tuple, list)) and any(is_jaxpr(x) for x in v))
-    for v in eqn.params.values()
-  )
-
-
 class _Trace:
   """What ``_walk`` finds: per value, the leaves it is computed from (``sources``) and
   the last dense layers on its paths from the input (``frontier``: the kernels of the
@@ -91,7 +80,7 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
         factors = [next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d]
         if factors and front != {_INPUT}:  # h * g, a param that scales units (LayerScale)
           front = frozenset(factors)
-      elif _has_body(eqn):
+      else:  # in a loop or branch, the kernels applied inside (none elsewhere)
         trace.opaque.update(_kernels_in_bodies(eqn, inputs, trace.kernels))
       outputs, out_fronts = [union] * len(eqn.outvars), [front] * len(eqn.outvars)
     trace.sources.update(zip(eqn.outvars, outputs))

@@ -83,7 +83,7 @@ _WINDOW_MAX = frozenset({'reduce_window_max', 'reduce_window_min'})
 _REDUCE_MAX = frozenset({'reduce_max', 'reduce_min'})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
 SCATTER_MAXIMA = frozenset({'scatter-max', 'scatter-min'})  # segment_max, .at[i].max
-_COMPARISONS = frozenset({'eq', 'ne', 'gt', 'ge', 'lt', 'le'})
+COMPARISONS = frozenset({'eq', 'ne', 'gt', 'ge', 'lt', 'le'})
 SELECTS_BY_VALUE = frozenset(
   {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
 )
@@ -212,7 +212,7 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'gather_fill_zero'  # an index out of range is no unit
   if is_finiteness_test(eqn, dependent):
     return 'finite_value'
-  if name in _COMPARISONS:
+  if name in COMPARISONS:
     return 'compare_nan_as_inf' if soft else None
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
@@ -229,7 +229,7 @@ def is_finiteness_test(eqn: jex_core.JaxprEqn, dependent: list[bool]) -> bool:
     return False
   if name == 'is_finite':
     return True
-  if name not in _COMPARISONS:
+  if name not in COMPARISONS:
     return False
   a, b = eqn.invars
   if all(dependent):

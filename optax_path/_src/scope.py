@@ -118,7 +118,7 @@ _MAXIMA = frozenset({'reduce_window_max', 'reduce_window_min', 'reduce_max', 're
 #: Indexing: which operands are data (the rest are indices, which must not come from the
 #: input or the params): the output takes each entry from one data entry, or sums some.
 _INDEXING = {'gather': (0,), 'dynamic_slice': (0,), **positive_pass.PLACING}
-_COMPARISONS = frozenset({'gt', 'ge', 'lt', 'le', 'eq', 'ne'})
+_COMPARISONS = positive_pass.COMPARISONS
 _LOGICAL = frozenset({'and', 'or', 'not', 'xor', 'is_finite', 'reduce_and', 'reduce_or'})
 _PRODUCTS = frozenset({'mul', 'dot_general', 'conv_general_dilated'})
 _ELEMENTWISE_MAX = frozenset({'max', 'min'})
