@@ -273,3 +273,63 @@ def test_every_layout_and_the_rescalings_under_explicit_axes(layout):
     for _ in range(4):
       (one, state_one), (split, state) = step(one, state_one), step(split, state)
     assert_same_values_and_shardings(split, one, sharded)
+
+
+def megatron(params, x, m):
+  """A Megatron-style MLP in shard_map: w1 split on its outputs over 'model', w2 on its
+  inputs, a psum of the partial outputs, a last layer w3 on every device; inside, an
+  input normalisation, ReLUs written with jnp.where and a max of each shard's two units
+  (a max pool within a shard)."""
+
+  def body(x, w1, b1, w2, b2, w3):
+    z = ((x - 0.5) / -2.0) @ w1 + b1
+    h = jnp.where(z > 0, z, 0.0)
+    h = jnp.maximum(h, h[:, ::-1])
+    y = jax.lax.psum(h @ w2, 'model') + b2
+    return jnp.where(y > 0, y, 0.0) @ w3
+
+  specs = (P(), P(None, 'model'), P('model'), P('model', None), P(), P())
+  mapped = jax.shard_map(body, mesh=m, in_specs=specs, out_specs=P())
+  return mapped(x, *(params[k] for k in ('w1', 'b1', 'w2', 'b2', 'w3')))
+
+
+def megatron_unsharded(params, x):
+  """The same function without shard_map: each shard's pair of units pooled."""
+  z = ((x - 0.5) / -2.0) @ params['w1'] + params['b1']
+  h = jnp.where(z > 0, z, 0.0).reshape(x.shape[0], 4, 2)
+  h = jnp.maximum(h, h[..., ::-1]).reshape(x.shape[0], 8)
+  y = h @ params['w2'] + params['b2']
+  return jnp.where(y > 0, y, 0.0) @ params['w3']
+
+
+@pytest.mark.parametrize('axis_type', ['Explicit', 'Auto'])
+def test_shard_map_inside_apply_fn_counts_the_paths_of_the_network(axis_type):
+  """The general mode evaluates a shard_map's body per shard with its substitutions
+  (a max as a sum, a constant c as |c|, a NaN of the pass read as inf), collectives
+  bound as they are. Before, every substitution there was refused ('not inside
+  shard_map'), pvary (inserted wherever a replicated value meets a split one) was
+  refused as a nonlinearity, and a ReLU written with jnp.where set an overflow of the
+  pass (a weight of 1e20, p = 2, times a row of zeros: NaN) to 0: path_norm 0 and the
+  first kernel's scales 0, where the network's are inf. Expected: the same function
+  without shard_map."""
+  types = (getattr(jax.sharding.AxisType, axis_type),) * 2
+  m = jax.make_mesh((2, 4), ('data', 'model'), axis_types=types)
+  rng = np.random.default_rng(3)
+  shapes = {'w1': (3, 8), 'b1': (8,), 'w2': (8, 2), 'b2': (2,), 'w3': (2, 2)}
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  overflow = dict(params, w1=params['w1'].at[0, 0].set(1e20), w2=params['w2'].at[:2].set(0.0))
+  x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  specs = {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model', None), 'b2': P(), 'w3': P()}
+  sharded_fn = lambda q, x: megatron(q, x, m)
+  for q in (params, overflow):
+    with jax.set_mesh(m):
+      split = {k: jax.device_put(v, NamedSharding(m, specs[k])) for k, v in q.items()}
+      np.testing.assert_allclose(sharded_fn(split, x), megatron_unsharded(q, x), rtol=1e-5)
+      for p in (1.0, 2.0):
+        got = optax_path.path_scales(split, p, apply_fn=sharded_fn, input_shape=(3,))
+        norm = optax_path.path_norm(split, p, apply_fn=sharded_fn, input_shape=(3,))
+        want = optax_path.path_scales(q, p, apply_fn=megatron_unsharded, input_shape=(3,))
+        want_norm = optax_path.path_norm(q, p, apply_fn=megatron_unsharded, input_shape=(3,))
+        assert_close(got, want)
+        np.testing.assert_allclose(norm, want_norm, rtol=1e-5)
+        assert np.isinf(float(want_norm)) == (q is overflow and p == 2.0)

@@ -54,8 +54,10 @@ custom derivatives (ReLU's is 0 at 0). These are the path scales and ``phi_p`` o
 network's graph over all its paths, and they are invariant to channel rescalings (a
 window lies in one channel), so Path-SGD stays rescaling invariant (Theorem 4.1).
 ``argmax``, ``sort``, ``top_k`` and their kin applied to activations have no path form
-and raise ``ValueError``, as does a max pool inside ``lax.while_loop`` or ``lax.scan``
-(see ``positive_pass``).
+and raise ``ValueError``, as does a max pool inside ``lax.while_loop`` (see
+``positive_pass``). Inside ``lax.scan``, ``lax.cond`` and ``shard_map`` the bodies are
+evaluated with the same substitutions (a ``shard_map``'s per shard, its collectives as
+they are: a ``psum`` of the pass sums paths as the network sums units).
 
 Compilation. Called outside ``jit`` with a Python float ``p``, the pass traces
 ``apply_fn`` (no compilation) and looks its jaxpr up in a small cache of compiled

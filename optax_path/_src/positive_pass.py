@@ -55,11 +55,12 @@ alike. Other primitives are bound as traced. Calls (``jit``, ``custom_jvp_call``
 ``custom_vjp_call``, ``remat``, ``closed_call``) are inlined where their body holds a
 substitution, and otherwise bound as they are, so that custom derivatives (ReLU's is 0
 at 0) stay. ``cond`` branches and ``scan`` bodies are rewritten (a carry is an
-activation if its initial value is, or if the body makes it one in some round). Out of
-scope, raising ``ValueError`` that names the primitive: ``argmax``, ``argmin``,
-``sort``, ``top_k``, ``cummax``, ``cummin`` and cross-device maxima of activations,
-which select units by value and have no path form; and a substitution inside
-``while`` or ``shard_map``.
+activation if its initial value is, or if the body makes it one in some round), and so
+is a ``shard_map``'s body, mapped over the same mesh and specs (collectives bound as
+they are). Out of scope, raising ``ValueError`` that names the primitive: ``argmax``,
+``argmin``, ``sort``, ``top_k``, ``cummax``, ``cummin`` and cross-device maxima of
+activations, which select units by value and have no path form; and a substitution
+inside ``while``.
 
 References:
   Gonon, Brisebarre, Riccietti & Gribonval, `A path-norm toolkit for modern networks:
@@ -89,11 +90,13 @@ SELECTS_BY_VALUE = frozenset(
 )
 #: Linear in each operand: on the pass, a constant operand enters as its absolute value.
 _WEIGHTED = frozenset({'add', 'add_any', 'mul', 'div', 'dot_general', 'conv_general_dilated'})
-#: Primitives that place or add entries: which operands are data (the rest, indices).
+#: Primitives that place, add or subtract entries: which operands are data (the rest,
+#: indices).
 PLACING = {
   'scatter': (0, 2),
   'scatter-add': (0, 2),
   'scatter_add': (0, 2),
+  'scatter-sub': (0, 2),
   'dynamic_update_slice': (0, 1),
 }
 _CALLS = {  # call-like primitives: the parameter holding the body, which takes all invars
@@ -106,6 +109,7 @@ _CALLS = {  # call-like primitives: the parameter holding the body, which takes 
   'custom_jvp_call': 'call_jaxpr',
   'custom_vjp_call': 'call_jaxpr',
   'custom_vjp_call_jaxpr': 'fun_jaxpr',
+  'composite': 'jaxpr',
 }
 
 
@@ -126,7 +130,7 @@ def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[A
   Raises:
     ValueError: for a primitive that selects activations by value (``argmax``,
       ``sort``, ...), or a substitution inside ``while`` or another
-      primitive whose body cannot be inlined; the message names the primitive.
+      primitive whose body is not rewritten; the message names the primitive.
   """
   return _eval(jaxpr, consts, args, [True] * len(jaxpr.invars))
 
@@ -206,6 +210,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent, soft)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
+  if name == 'scatter-sub' and (dependent[0] or dependent[2]):
+    return 'scatter_sum'  # h.at[i].subtract(g): the paths of both, as for h - g
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
     return 'constant_magnitudes' if not all(dependent[i] for i in PLACING[name]) else None
   if name == 'gather' and dependent[0] and 'FILL' in str(eqn.params['mode']):
@@ -257,13 +263,15 @@ def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool) -> s
     inner = _scan_body_flags(eqn, dependent)
     constant_init = any(i and not d for i, d in zip(inner, dependent))
     return 'scan' if constant_init or _rewrites(eqn.params['jaxpr'].jaxpr, inner, soft) else None
+  if name == 'shard_map':  # per shard, as in the network; collectives bound as they are
+    return 'shard_map' if _rewrites(eqn.params['jaxpr'], dependent, soft) else None
   for body in _params_jaxprs(eqn.params):
     jaxpr, _ = _open(body)
     if len(jaxpr.invars) == len(dependent):
       inner = dependent
     else:  # a body whose inputs are not the eqn's: count them all as activations
       inner = [True] * len(jaxpr.invars)
-    if _rewrites(jaxpr, inner, soft=False):  # inside shard_map, while: comparisons as they are
+    if _rewrites(jaxpr, inner, soft=False):  # inside while: comparisons as they are
       return 'unsupported'
   return None
 
@@ -368,9 +376,10 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
   if rule == 'compare_nan_as_inf':  # a NaN of the pass is an overflow (inf * 0): not 0
     compared = [jnp.where(jnp.isnan(v), jnp.inf, v) if f else v for v, f in zip(values, flags)]
     return [eqn.primitive.bind(*compared, **eqn.primitive.get_bind_params(params))]
-  if rule == 'scatter_sum':  # a constant here is 0 or the max's identity (scope): no unit
+  if rule == 'scatter_sum':  # a max's constant is 0 or its identity (scope): no unit
+    constant = jnp.zeros_like if name in SCATTER_MAXIMA else jnp.abs
     operand, indices, updates = (
-      v if f or i == 1 else jnp.zeros_like(v) for i, (v, f) in enumerate(zip(values, flags))
+      v if f or i == 1 else constant(v) for i, (v, f) in enumerate(zip(values, flags))
     )
     sorted_, unique = params['indices_are_sorted'], params['unique_indices']
     return [
@@ -404,6 +413,8 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return _cond(eqn, values, flags)
   if rule == 'scan':
     return _scan(eqn, values, flags)
+  if rule == 'shard_map':
+    return _shard_map(eqn, values, flags)
   raise ValueError(unsupported_message(eqn))
 
 
@@ -434,6 +445,23 @@ def _scan(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[
   return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
 
 
+def _shard_map(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
+  """``shard_map`` with its body evaluated with the substitutions, over the same mesh,
+  specs and manual axes: each shard's units are the network's, and a ``psum`` or
+  ``all_gather`` of the pass sums or gathers paths as in the network."""
+  params = eqn.params
+  body = jex_core.ClosedJaxpr(params['jaxpr'], ())
+  mapped = jax.shard_map(
+    lambda *xs: tuple(_eval(body.jaxpr, body.consts, xs, flags)),
+    mesh=params['mesh'],
+    in_specs=params['in_specs'],
+    out_specs=params['out_specs'],
+    axis_names=params['newly_manual_axes'],
+    check_vma=params['check_vma'],
+  )
+  return list(mapped(*values))
+
+
 def unsupported_message(eqn: jex_core.JaxprEqn) -> str:
   name = eqn.primitive.name
   if name in SELECTS_BY_VALUE:
@@ -447,6 +475,6 @@ def unsupported_message(eqn: jex_core.JaxprEqn) -> str:
     f'apply_fn has, inside {name}, a max or max pool of activations, a difference or '
     'negation of them, or a fixed weight (a constant factor or offset). The general mode '
     'counts every path by rewriting these (a max as a sum, a constant c as |c|), which it '
-    f'can do inside jit, custom_jvp, custom_vjp, checkpoint, cond and scan, but not inside '
-    f'{name}, where the pass would lose paths. Move them out of {name}.'
+    'can do inside jit, custom_jvp, custom_vjp, checkpoint, cond, scan and shard_map, but '
+    f'not inside {name}, where the pass would lose paths. Move them out of {name}.'
   )

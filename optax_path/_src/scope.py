@@ -95,6 +95,10 @@ _STRUCTURAL = frozenset(
     'abs',
     'stop_gradient',
     'unstack',
+    'tile',
+    'ppermute',  # collectives inside shard_map move entries between devices
+    'all_to_all',
+    'pbroadcast',
   }
 )
 #: Sums of their operands (a step function or a non-finite constant must not enter).
@@ -110,7 +114,10 @@ _SUMS = frozenset(
     'reduce_window_sum',
     'cumsum',
     'psum',
+    'psum_invariant',
+    'reduce_scatter',
     'all_gather',
+    'all_gather_invariant',
   }
 )
 #: Maxima, rewritten as sums on the pass (positive_pass).
@@ -188,6 +195,8 @@ _SAME_VALUE = frozenset(
     'device_put',
     'optimization_barrier',
     'reduce_precision',
+    'layout_constraint',
+    'pvary',  # inside shard_map: the value, typed as varying over manual axes
   }
 )
 
@@ -615,9 +624,7 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
     args = [masks[i] if i in data else ops[i].value for i in range(len(ops))]
     if len(eqn.outvars) != 1 or any(a is None for a in args):
       return infinities, None
-    return infinities, np.asarray(
-      eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
-    )
+    return infinities, np.asarray(_bind_here(eqn, args))
   except Exception:  # noqa: BLE001  (an operation that cannot run on masks: anywhere)
     return infinities, None
 
@@ -849,11 +856,21 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   scatter = eqn.primitive.name in positive_pass.PLACING or eqn.primitive.name in _ALL_MAXIMA
   if not small or (any(_is_jaxpr(v) for v in eqn.params.values()) and not scatter):
     return [None] * n_out  # a scatter's update_jaxpr is no body of ours: counts fold
+  if eqn.primitive.name == 'pvary':  # a type cast that binds only inside shard_map
+    return values
   try:
-    out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    out = _bind_here(eqn, values)
   except Exception:  # noqa: BLE001  (a primitive that cannot run here: the value is unknown)
     return [None] * n_out
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _bind_here(eqn: jex_core.JaxprEqn, args: Sequence[Any]) -> Any:
+  """``eqn``'s primitive applied to concrete ``args``, outside the trace: without the
+  output sharding it was traced with (a shard_map's manual mesh cannot be bound here)."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  params = {k: None if k in ('sharding', 'out_sharding') else v for k, v in params.items()}
+  return eqn.primitive.bind(*args, **params)
 
 
 def _finite_value(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> _Kind:
