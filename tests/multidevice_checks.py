@@ -278,15 +278,16 @@ def test_every_layout_and_the_rescalings_under_explicit_axes(layout):
 def megatron(params, x, m):
   """A Megatron-style MLP in shard_map: w1 split on its outputs over 'model', w2 on its
   inputs, a psum of the partial outputs, a last layer w3 on every device; inside, an
-  input normalisation, ReLUs written with jnp.where and a max of each shard's two units
-  (a max pool within a shard)."""
+  input normalisation, ReLUs against zeros made in the body (jnp.zeros_like, jnp.zeros:
+  constants to fold under the manual mesh) and a max of each shard's two units (a max
+  pool within a shard)."""
 
   def body(x, w1, b1, w2, b2, w3):
     z = ((x - 0.5) / -2.0) @ w1 + b1
-    h = jnp.where(z > 0, z, 0.0)
+    h = jnp.where(z > 0, z, jnp.zeros_like(z))
     h = jnp.maximum(h, h[:, ::-1])
     y = jax.lax.psum(h @ w2, 'model') + b2
-    return jnp.where(y > 0, y, 0.0) @ w3
+    return jnp.maximum(y, jnp.zeros((1, 2))) @ w3
 
   specs = (P(), P(None, 'model'), P('model'), P('model', None), P(), P())
   mapped = jax.shard_map(body, mesh=m, in_specs=specs, out_specs=P())
@@ -306,7 +307,8 @@ def megatron_unsharded(params, x):
 def test_shard_map_inside_apply_fn_counts_the_paths_of_the_network(axis_type):
   """The general mode evaluates a shard_map's body per shard with its substitutions
   (a max as a sum, a constant c as |c|, a NaN of the pass read as inf), collectives
-  bound as they are. Before, every substitution there was refused ('not inside
+  bound as they are, constants made there folded under the user's mesh (refused before
+  as 'a constant other than 0', a clip). Before, every substitution there was refused ('not inside
   shard_map'), pvary (inserted wherever a replicated value meets a split one) was
   refused as a nonlinearity, and a ReLU written with jnp.where set an overflow of the
   pass (a weight of 1e20, p = 2, times a row of zeros: NaN) to 0: path_norm 0 and the

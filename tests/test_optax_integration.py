@@ -119,6 +119,49 @@ def test_flax_train_state():
   assert_trees_close(state.params, expected_step(PARAMS, GRADS))
 
 
+@pytest.mark.parametrize('make', ['path_sgd', 'path_adam', 'general'])
+def test_a_checkpointed_state_resumes_the_same_steps(make, tmp_path):
+  """The state (PathNormalizeState's log gamma vectors and counter, path_geometry's inner
+  state) saved after 2 steps with flax.serialization (msgpack), pickle and orbax, restored
+  into a fresh init, gives the same next 2 steps as the run that was never stopped."""
+  import pickle
+
+  import orbax.checkpoint as ocp
+  from flax import serialization
+
+  general = {'apply_fn': lambda q, x: MODEL.apply({'params': q}, x), 'input_shape': (4,)}
+  tx = {
+    'path_sgd': lambda: optax_path.path_sgd(LR, momentum=0.9),
+    'path_adam': lambda: optax_path.path_adam(1e-2),
+    'general': lambda: optax_path.path_sgd(LR, momentum=0.9, **general),
+  }[make]()
+  step = jax.jit(
+    lambda q, s: (lambda u, s: (optax.apply_updates(q, u), s))(*tx.update(jax.grad(loss)(q), s, q))
+  )
+  params, state = PARAMS, tx.init(PARAMS)
+  for _ in range(2):
+    params, state = step(params, state)
+  saved = tmp_path / 'orbax'
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(saved, state)
+    checkpointer.wait_until_finished()
+    from_orbax = checkpointer.restore(saved, tx.init(PARAMS))
+  restored = {
+    'msgpack': serialization.from_bytes(tx.init(PARAMS), serialization.to_bytes(state)),
+    'pickle': pickle.loads(pickle.dumps(jax.device_get(state))),
+    'orbax': from_orbax,
+  }
+  want = (params, state)
+  for _ in range(2):
+    want = step(*want)
+  for name, resumed in restored.items():
+    assert jax.tree.structure(resumed) == jax.tree.structure(state), name
+    got = (params, resumed)
+    for _ in range(2):
+      got = step(*got)
+    assert_trees_close(got, want, rtol=0)
+
+
 class NNXMLP(nnx.Module):
   def __init__(self, rngs):
     self.layers = nnx.List(

@@ -94,6 +94,7 @@ def test_a_network_outside_path_sgd_is_refused_with_the_primitive_named(middle):
       call()
     assert 'Theorem 4.1' in str(raised.value) and 'another optimizer' in str(raised.value)
     assert MIDDLE_LINE[middle] in named_line(str(raised.value), 'Net.__call__')
+    assert type(raised.value) is ValueError  # not a private subclass in the user's traceback
 
 
 MIDDLE_LINE = {  # the text of the line in Net.__call__ that each refusal must name
@@ -1151,6 +1152,40 @@ def test_tiles_subtractions_into_entries_and_composites_are_linear():
       b = optax_path.path_scales(params, p, apply_fn=want, input_shape=(2,))
       for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6, err_msg=name)
+
+
+def test_a_flax_apply_given_as_apply_fn_is_told_to_take_the_params_tree():
+  """model.apply takes Flax's variables ({'params': ...}); apply_fn takes the params tree.
+  The message led with input_shape, which was right; it now says how to wrap it."""
+  model = Net('relu')
+  params = model.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  with pytest.raises(ValueError, match=r"lambda q, x: model.apply\(\{'params': q\}, x\)"):
+    optax_path.path_norm(params, apply_fn=model.apply, input_shape=(3,))
+  with pytest.raises(ValueError, match='apply_fn failed') as raised:
+    optax_path.path_norm(
+      params, apply_fn=lambda q, x: model.apply({'params': q}, x), input_shape=(4,)
+    )
+  assert "Flax's variables" not in str(raised.value)  # the hint only where it applies
+
+
+def test_a_leaf_passed_into_a_call_but_unused_there_is_named_as_unused():
+  """A leaf handed to a jit or shard_map whose body never reads it was reported as used
+  'only on branches that the |theta|^p pass never takes' (PReLU, lax.cond advice): a
+  call counted as using every operand. Expected: the message for an unused leaf."""
+  mesh = jax.make_mesh((1,), ('d',))
+  spec = jax.sharding.PartitionSpec()
+  body = lambda x, w1, v: jax.nn.relu(x @ w1)
+  calls = {
+    'jit': jax.jit(body),
+    'shard_map': jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec),
+  }
+  params = {'w1': PARAMS['w1'], 'v': PARAMS['b2']}
+  for name, call in calls.items():
+    net = lambda q, x, call=call: call(x, q['w1'], q['v'])
+    with pytest.raises(ValueError, match=r'apply_fn does not use these params leaves: v \(2,\)'):
+      optax_path.path_scales(params, apply_fn=net, input_shape=(2,))
+    used = lambda q, x, call=call: call(x, q['w1'], q['v']) + q['v'].sum()
+    optax_path.path_scales(params, apply_fn=used, input_shape=(2,))  # read outside: used
 
 
 def test_a_second_breaker_round_on_the_minus_inf_of_empty_segments():

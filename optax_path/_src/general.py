@@ -232,24 +232,37 @@ def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:
       'general mode evaluates apply_fn on the params it is given: mask only leaves that '
       'the forward pass does not use, or apply path_normalize to the whole params tree.'
     )
+  flax_scope = type(error).__name__ == 'ScopeCollectionNotFound'  # model.apply given
+  hint = (
+    "apply_fn takes the params tree itself, not Flax's variables: for a Linen module, "
+    "apply_fn=lambda q, x: model.apply({'params': q}, x). "
+    if flax_scope
+    else ''
+  )
   return ValueError(
     f'apply_fn failed on an all-ones input of shape {(1, *input_shape)}: a batch of one '
-    f'input of input_shape={input_shape}. Check that input_shape is the shape of one '
-    f'input without the batch axis, and that apply_fn(params, x) runs on it. '
+    f'input of input_shape={input_shape}. {hint}Check that input_shape is the shape of '
+    f'one input without the batch axis, and that apply_fn(params, x) runs on it. '
     f'{type(error).__name__}: {error}'
   )
 
 
-def _used_inputs(jaxpr: jex_core.Jaxpr) -> list[bool]:
-  """Which of the ``invars`` of ``jaxpr`` its outputs depend on.
+def _used_inputs(jaxpr: jex_core.Jaxpr, used_outputs: list[bool] | None = None) -> list[bool]:
+  """Which of the ``invars`` of ``jaxpr`` its (used) outputs depend on.
 
-  An equation counts as using all of its inputs when any of its outputs is used, so an
-  input read inside a nested call whose other outputs matter counts as used.
+  A call (``jit``, ``shard_map``, ...) is followed into its body; another equation counts
+  as using all of its inputs when any of its outputs is used, so an input read inside a
+  ``scan`` or ``cond`` whose other outputs matter counts as used.
   """
-  live = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
+  used_outputs = used_outputs or [True] * len(jaxpr.outvars)
+  live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and isinstance(v, jex_core.Var)}
   for eqn in reversed(jaxpr.eqns):
-    if eqn.effects or any(v in live for v in eqn.outvars if isinstance(v, jex_core.Var)):
-      live.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+    used = [isinstance(v, jex_core.Var) and v in live for v in eqn.outvars]
+    if not (eqn.effects or any(used)):
+      continue
+    body = None if eqn.effects else positive_pass.call_body(eqn)
+    reads = [True] * len(eqn.invars) if body is None else _used_inputs(body, used)
+    live.update(v for v, r in zip(eqn.invars, reads) if r and isinstance(v, jex_core.Var))
   return [v in live for v in jaxpr.invars]
 
 

@@ -44,17 +44,14 @@ _ROUTING_ADVICE = (
 )
 
 _NORMALISATION_ADVICE = (
-  '{} look like a normalisation layer (LayerNorm, BatchNorm, GroupNorm, '
-  'RMSNorm). A network with normalisation layers is outside Path-SGD\'s rescaling '
-  'argument: a normalisation divides its units by statistics of their values (mean, '
-  'variance), so rescaling one unit (incoming weights times c, outgoing divided by c) '
-  'changes the function, while the network is invariant to rescalings of another kind '
-  '(all incoming weights of a normalised layer times c); path scales, products of weights '
-  'along paths, do not describe it. Path-SGD is meant for ReLU networks without '
-  'normalisation. Masking the normalisation leaves (optax.masked, or '
-  'optax.partition to another optimizer) makes this run: they are then trained by the '
-  'other optimizer, the dense layers get the path scales of the network without the '
-  'normalisation, and Path-SGD\'s invariance no longer holds for the whole network.'
+  '{} look like a normalisation layer (LayerNorm, BatchNorm, GroupNorm, RMSNorm), '
+  "which is outside Path-SGD's rescaling argument: it divides its units by statistics "
+  'of their values, so rescaling one unit (incoming weights times c, outgoing divided by '
+  'c) changes the function, and path scales do not describe the network. To run anyway, '
+  'mask these leaves (optax.masked, or optax.partition to another optimizer): they are '
+  'then trained by the other optimizer, the dense layers get the path scales of the '
+  "network without the normalisation, and Path-SGD's invariance no longer holds for the "
+  'whole network.'
 )
 
 _NORMALISATION_NAME = re.compile(r'norm', re.IGNORECASE)
@@ -120,7 +117,7 @@ def _describe(path: KeyPath, leaf: Any) -> str:
 
 
 _ORDER_ADVICE = (
-  'Pass the order with layers=, from input to output, or read it from the model\'s own '
+  "Pass the order with layers=, from input to output, or read it from the model's own "
   'forward pass: layers = optax_path.layer_order(params, apply_fn=lambda q, x: '
   "model.apply({'params': q}, x), input_shape=(n_in,)) for Flax Linen, or with "
   'graphdef, params = nnx.split(model, nnx.Param) and apply_fn=lambda q, x: '
@@ -150,7 +147,7 @@ def _parse_spec(position: int, spec: Any) -> KeyPath:
     path = ()
   if not path:
     raise ValueError(
-      f'layers=[{position}] is {spec!r}: each entry must be a layer\'s key path, as a '
+      f"layers=[{position}] is {spec!r}: each entry must be a layer's key path, as a "
       "string 'a/b' (e.g. 'Dense_0' or 'params/encoder'), an int (a list index) or a "
       'sequence of keys.'
     )
@@ -179,8 +176,7 @@ def normalize_layer_specs(layers: Any) -> tuple[KeyPath, ...] | None:
     ) from None
   if not specs:
     raise ValueError(
-      'layers= is empty: list the dense layers from input to output, or leave it None '
-      'to find them.'
+      'layers= is empty: list the dense layers from input to output, or leave it None to find them.'
     )
   paths = tuple(_parse_spec(i, spec) for i, spec in enumerate(specs))
   if len(set(paths)) != len(paths):
@@ -255,7 +251,7 @@ def _masked_layer_error(path: KeyPath, listed: bool) -> ValueError:
     + (
       ''
       if listed
-      else ' If this layer is not part of the network\'s chain of dense layers (an '
+      else " If this layer is not part of the network's chain of dense layers (an "
       'auxiliary head), pass layers= listing the chain from input to output.'
     )
   )
@@ -424,8 +420,7 @@ def _order(layers: list[DenseLayer], shapes) -> list[DenseLayer]:
       'The order of the dense layers cannot be read from params: their names do not '
       'decide it (they are not one numbered family like Dense_0, Dense_1, ...) and more '
       f'than one order forms a chain, e.g. {a} and {b}. Layers: {_listing(layers, shapes)}. '
-      'Path scales computed in the wrong order are those of another network. '
-      + _ORDER_ADVICE
+      'Path scales computed in the wrong order are those of another network. ' + _ORDER_ADVICE
     )
   return [layers[i] for i in orders[0]]
 

@@ -113,6 +113,18 @@ _CALLS = {  # call-like primitives: the parameter holding the body, which takes 
 }
 
 
+def call_body(eqn: jex_core.JaxprEqn) -> jex_core.Jaxpr | None:
+  """The body of a call-like equation (``jit``, ``custom_jvp_call``, ``checkpoint``,
+  ``shard_map``, ...) whose inputs and outputs are the equation's, else ``None``."""
+  name = eqn.primitive.name
+  key = 'jaxpr' if name == 'shard_map' else _CALLS.get(name)
+  if key not in eqn.params:
+    return None
+  body, _ = _open(eqn.params[key])
+  same = len(body.invars) == len(eqn.invars) and len(body.outvars) == len(eqn.outvars)
+  return body if same else None
+
+
 def evaluate(jaxpr: jex_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
   """``jaxpr`` applied to ``consts`` and ``args``, with every path through a max counted.
 

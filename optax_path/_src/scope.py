@@ -232,6 +232,8 @@ def check(
   try:
     with jax.ensure_compile_time_eval():
       outs = _check(jaxpr, consts, kinds)
+  except _OutOfScope as error:  # a plain ValueError for the user, not this module's class
+    raise ValueError(str(error)) from None
   finally:
     _PARAM_NAMES.reset(token)
   return _join(outs).params
@@ -866,11 +868,14 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
 
 
 def _bind_here(eqn: jex_core.JaxprEqn, args: Sequence[Any]) -> Any:
-  """``eqn``'s primitive applied to concrete ``args``, outside the trace: without the
-  output sharding it was traced with (a shard_map's manual mesh cannot be bound here)."""
+  """``eqn``'s primitive applied to concrete ``args``, outside the trace and any mesh:
+  without the sharding it was traced with (a shard_map's manual axes, which the user's
+  ``jax.set_mesh`` around the call would contradict)."""
   params = eqn.primitive.get_bind_params(eqn.params)
   params = {k: None if k in ('sharding', 'out_sharding') else v for k, v in params.items()}
-  return eqn.primitive.bind(*args, **params)
+  empty = jax.sharding.AbstractMesh((), ())
+  with jax.sharding.use_abstract_mesh(empty), jax.set_mesh(None):
+    return eqn.primitive.bind(*args, **params)
 
 
 def _finite_value(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> _Kind:
