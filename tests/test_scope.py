@@ -1188,6 +1188,62 @@ def test_a_leaf_passed_into_a_call_but_unused_there_is_named_as_unused():
     optax_path.path_scales(params, apply_fn=used, input_shape=(2,))  # read outside: used
 
 
+LINEAR_MAPS = {  # fixed linear maps of activations, each weight on its own edge (no cancelling)
+  'tile': lambda h: jnp.tile(h, (1, 2)),
+  'repeat': lambda h: jnp.repeat(h, 2, axis=1),
+  'roll': lambda h: jnp.roll(h, 1, axis=1),
+  'pad reflect': lambda h: jnp.pad(h, ((0, 0), (1, 1)), mode='reflect')[:, 1:5],
+  'pad edge': lambda h: jnp.pad(h, ((0, 0), (2, 2)), mode='edge'),
+  'take': lambda h: jnp.take(h, jnp.array([3, 2, 1, 0]), axis=1),
+  'cumsum': lambda h: jnp.cumsum(h, 1),
+  'reverse cumsum': lambda h: jax.lax.cumsum(h, axis=1, reverse=True),
+  'plus mean': lambda h: h + jnp.mean(h, 1, keepdims=True),
+  'diff': lambda h: jnp.concatenate([jnp.diff(h, axis=1), h[:, :1]], 1),
+  'constant mask': lambda h: h * (jnp.arange(4) > 1),
+  'resize nearest': lambda h: jax.image.resize(h, (h.shape[0], 8), 'nearest'),
+  'resize cubic': lambda h: jax.image.resize(h, (h.shape[0], 8), 'cubic'),
+  'kron': lambda h: jnp.kron(h, jnp.ones((1, 2))),
+  'dynamic slice': lambda h: jax.lax.dynamic_slice_in_dim(jnp.concatenate([h, h], 1), 2, 4, 1),
+  'convolve': lambda h: jnp.convolve(h[0], jnp.array([1.0, -2.0]), mode='same')[None],
+  'signed matrix': lambda h: h @ (jnp.tril(jnp.ones((4, 4))) - 2 * jnp.eye(4)),
+  'scatter set': lambda h: jnp.zeros_like(h).at[:, jnp.array([1, 0, 3, 2])].set(h),
+  '.at[].subtract': lambda h: h.at[:, 1].subtract(h[:, 0]),
+  'average pool': lambda h: jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2), (1, 1), 'SAME') / 2,
+  'segment_sum': lambda h: jax.ops.segment_sum(h.T, jnp.array([0, 0, 2, 3]), 4).T,
+  'reversed minus': lambda h: h[:, ::-1] - h,
+  'fori_loop': lambda h: jax.lax.fori_loop(0, 2, lambda i, a: jnp.roll(a, 1, 1) + a, h),
+  'lax.map': lambda h: jax.lax.map(lambda r: r * jnp.array([1.0, -1.0, 2.0, 0.5]), h),
+}
+
+
+@pytest.mark.parametrize('name', sorted(LINEAR_MAPS))
+def test_a_fixed_linear_map_of_activations_is_the_matrix_of_its_magnitudes(name):
+  """A linear map between two layers, written with jnp or lax ops, against the same net
+  with the map as one matrix: M = the Jacobian of the map, entering as |M| (each weight
+  is on its own edge here, so no path cancels another). Float64, p = 1 and 2."""
+  rng = np.random.default_rng(0)
+  cut = lambda y: y.reshape(y.shape[0], -1)[:, :4]
+  op = LINEAR_MAPS[name]
+  with jax.enable_x64(True):
+    params = {
+      'w1': jnp.asarray(rng.normal(size=(3, 4))),
+      'w2': jnp.asarray(rng.normal(size=(4, 2))),
+    }
+    jacobian = jax.jacobian(lambda h: cut(op(h))[0])(jnp.full((1, 4), 0.7))[:, 0, :].T
+    net = lambda q, x: cut(op(jax.nn.relu(x @ q['w1']))) @ q['w2']
+    matrix = lambda q, x: jax.nn.relu(x @ q['w1']) @ jnp.abs(jacobian) @ q['w2']
+    for p in (1.0, 2.0):
+      got = optax_path.path_scales(params, p, apply_fn=net, input_shape=(3,))
+      want = optax_path.path_scales(params, p, apply_fn=matrix, input_shape=(3,))
+      for key in params:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12, err_msg=key)
+    np.testing.assert_allclose(
+      optax_path.path_norm(params, apply_fn=net, input_shape=(3,)),
+      optax_path.path_norm(params, apply_fn=matrix, input_shape=(3,)),
+      rtol=1e-12,
+    )
+
+
 def test_a_second_breaker_round_on_the_minus_inf_of_empty_segments():
   """Found by a helper after the tracking landed, each accepted with wrong scales or
   refused wrongly. Refused now: a min that passes one member's -inf on (the network is
