@@ -1169,17 +1169,20 @@ def test_a_flax_apply_given_as_apply_fn_is_told_to_take_the_params_tree():
 
 
 def test_a_leaf_passed_into_a_call_but_unused_there_is_named_as_unused():
-  """A leaf handed to a jit or shard_map whose body never reads it was reported as used
-  'only on branches that the |theta|^p pass never takes' (PReLU, lax.cond advice): a
-  call counted as using every operand. Expected: the message for an unused leaf."""
+  """A leaf handed to a jit, shard_map, cond or scan whose bodies never read it was
+  reported as used 'only on branches that the |theta|^p pass never takes' (PReLU,
+  lax.cond advice): such an equation counted as using every operand. Expected: the
+  message for an unused leaf."""
   mesh = jax.make_mesh((1,), ('d',))
   spec = jax.sharding.PartitionSpec()
   body = lambda x, w1, v: jax.nn.relu(x @ w1)
   calls = {
     'jit': jax.jit(body),
     'shard_map': jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec),
+    'cond': lambda x, w1, v: jax.lax.cond(True, body, lambda *a: body(*a) * 2, x, w1, v),
+    'scan': lambda x, w1, v: jax.lax.scan(lambda h, _: (body(h, w1, v), None), x, None, 1)[0],
   }
-  params = {'w1': PARAMS['w1'], 'v': PARAMS['b2']}
+  params = {'w1': PARAMS['w1'][:, :2], 'v': PARAMS['b2']}  # square: a scan's carry
   for name, call in calls.items():
     net = lambda q, x, call=call: call(x, q['w1'], q['v'])
     with pytest.raises(ValueError, match=r'apply_fn does not use these params leaves: v \(2,\)'):

@@ -248,22 +248,30 @@ def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:
 
 
 def _used_inputs(jaxpr: jex_core.Jaxpr, used_outputs: list[bool] | None = None) -> list[bool]:
-  """Which of the ``invars`` of ``jaxpr`` its (used) outputs depend on.
-
-  A call (``jit``, ``shard_map``, ...) is followed into its body; another equation counts
-  as using all of its inputs when any of its outputs is used, so an input read inside a
-  ``scan`` or ``cond`` whose other outputs matter counts as used.
-  """
+  """Which of the ``invars`` of ``jaxpr`` its (used) outputs depend on."""
   used_outputs = used_outputs or [True] * len(jaxpr.outvars)
   live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and isinstance(v, jex_core.Var)}
   for eqn in reversed(jaxpr.eqns):
     used = [isinstance(v, jex_core.Var) and v in live for v in eqn.outvars]
-    if not (eqn.effects or any(used)):
-      continue
-    body = None if eqn.effects else positive_pass.call_body(eqn)
-    reads = [True] * len(eqn.invars) if body is None else _used_inputs(body, used)
-    live.update(v for v, r in zip(eqn.invars, reads) if r and isinstance(v, jex_core.Var))
+    if eqn.effects or any(used):
+      reads = _operands_read(eqn, used)
+      live.update(v for v, r in zip(eqn.invars, reads) if r and isinstance(v, jex_core.Var))
   return [v in live for v in jaxpr.invars]
+
+
+def _operands_read(eqn: jex_core.JaxprEqn, used: list[bool]) -> list[bool]:
+  """Which operands of ``eqn`` its ``used`` outputs read: a call (``jit``, ``shard_map``)
+  or ``cond`` is followed into its bodies, a ``scan`` into its body (every output of each
+  round counted); any other equation reads all of them."""
+  body = None if eqn.effects else positive_pass.call_body(eqn)
+  if body is not None:
+    return _used_inputs(body, used)
+  if eqn.primitive.name == 'cond' and not eqn.effects:
+    branches = [_used_inputs(b.jaxpr, used) for b in eqn.params['branches']]
+    return [True] + [any(reads) for reads in zip(*branches)]
+  if eqn.primitive.name == 'scan' and not eqn.effects:
+    return _used_inputs(eqn.params['jaxpr'].jaxpr)
+  return [True] * len(eqn.invars)
 
 
 def _check_used(traced: _Traced) -> None:
