@@ -335,3 +335,34 @@ def test_shard_map_inside_apply_fn_counts_the_paths_of_the_network(axis_type):
         assert_close(got, want)
         np.testing.assert_allclose(norm, want_norm, rtol=1e-5)
         assert np.isinf(float(want_norm)) == (q is overflow and p == 2.0)
+
+
+def test_constants_meeting_split_activations_under_explicit_axes():
+  """Kernels split over an Explicit axis: an activation times a constant vector, and a
+  ReLU against a zero that was resharded onto the mesh. Before, the first raised
+  ShardingTypeError from the pass (a select between a replicated mask and a split
+  activation), the second was refused as a clip (reshard was not folded). Expected: the
+  same nets on one device (the constant vector entering as |c|)."""
+  m = jax.make_mesh((8,), ('x',), axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(5)
+  params = {
+    'w1': jnp.asarray(rng.normal(size=(3, 16)), jnp.float32),
+    'w2': jnp.asarray(rng.normal(size=(16, 16)), jnp.float32),
+    'w3': jnp.asarray(rng.normal(size=(16, 2)), jnp.float32),
+  }
+  c = jnp.linspace(-2.0, 2.0, 16)  # a 0 among them
+  relu = jax.nn.relu
+  scaled = lambda q, x: relu(jax.sharding.reshard(relu(x @ q['w1']) * c, P()) @ q['w2']) @ q['w3']
+  magnitudes = lambda q, x: relu((relu(x @ q['w1']) * jnp.abs(c)) @ q['w2']) @ q['w3']
+  zero = lambda: jax.sharding.reshard(jnp.zeros((1, 16)), P(None, 'x'))
+  against = lambda q, x: relu(jnp.maximum(x @ q['w1'], zero()) @ q['w2']) @ q['w3']
+  plain = lambda q, x: relu(relu(x @ q['w1']) @ q['w2']) @ q['w3']
+  with jax.set_mesh(m):
+    split = dict(params, w1=jax.device_put(params['w1'], NamedSharding(m, P(None, 'x'))))
+    for net, reference in ((scaled, magnitudes), (against, plain)):
+      for p in (1.0, 2.0):
+        got = optax_path.path_scales(split, p, apply_fn=net, input_shape=(3,))
+        assert_close(got, optax_path.path_scales(params, p, apply_fn=reference, input_shape=(3,)))
+      tx = optax_path.path_normalize(apply_fn=net, input_shape=(3,))
+      updates, _ = jax.jit(tx.update)(split, tx.init(split), split)
+      assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

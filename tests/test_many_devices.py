@@ -37,4 +37,4 @@ def test_sharded_path_normalize_on_8_simulated_devices():
   output = result.stdout + result.stderr
   assert result.returncode == 0, output
   assert 'skipped' not in result.stdout, output
-  assert '14 passed' in result.stdout, output
+  assert '15 passed' in result.stdout, output

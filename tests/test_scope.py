@@ -519,7 +519,9 @@ def test_a_learnable_prelu_slope_is_on_no_path_and_refused_by_name():
     lambda: optax_path.path_adam(1e-3, **mode).init(params),
     lambda: optax_path.path_scales(params, **mode),
   ):
-    with pytest.raises(ValueError, match=r'never takes: PReLU_0/negative_slope \(\)') as raised:
+    with pytest.raises(
+      ValueError, match=r'times a constant 0\): PReLU_0/negative_slope \(\)'
+    ) as raised:
       call()
     assert 'leaky_relu' in str(raised.value)
   dense = {k: v for k, v in params.items() if k.startswith('Dense')}
@@ -941,7 +943,7 @@ def test_params_only_in_the_branch_a_fixed_flag_never_takes_are_named():
     out = jax.lax.cond(USE_FIRST, lambda h: h @ q['w2'], lambda h: h @ q['other'], h)
     return out + q['b2']
 
-  with pytest.raises(ValueError, match=r'never takes: other \(3, 2\)'):
+  with pytest.raises(ValueError, match=r'times a constant 0\): other \(3, 2\)'):
     optax_path.path_normalize(apply_fn=apply_fn, input_shape=(2,)).init(params)
 
 
@@ -1245,6 +1247,204 @@ def test_a_fixed_linear_map_of_activations_is_the_matrix_of_its_magnitudes(name)
       optax_path.path_norm(params, apply_fn=matrix, input_shape=(3,)),
       rtol=1e-12,
     )
+
+
+THREE = {  # a 3-4-4-2 net
+  'w1': jnp.array([[0.5, -1.5, 2.0, 0.3], [1.0, 0.25, -3.0, -0.7], [-0.2, 0.9, 0.4, 1.1]]),
+  'w2': jnp.array(
+    [[1.0, -2.0, 0.5, 0.1], [0.5, 1.5, -0.3, 2.0], [-0.75, 2.0, 1.2, -0.4], [0.3, 0.2, -1.0, 0.6]]
+  ),
+  'w3': jnp.array([[1.0, -0.5], [0.25, 2.0], [-1.5, 0.75], [0.5, 0.5]]),
+}
+
+
+def three(act, mid=lambda h: h):
+  return lambda q, x: act(mid(act(x @ q['w1'])) @ q['w2']) @ q['w3']
+
+
+def assert_same_scales(params, net, reference, ps=(1.0, 2.0), rtol=1e-6):
+  for p in ps:
+    got = optax_path.path_scales(params, p, apply_fn=net, input_shape=(3,))
+    want = optax_path.path_scales(params, p, apply_fn=reference, input_shape=(3,))
+    for key in params:
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol, err_msg=key)
+
+
+def test_custom_derivatives_do_not_change_the_scales():
+  """The scales are the gradient of the path polynomial, not of the derivatives a user
+  chose. Before, the pass kept custom_vjp/custom_jvp rules: a gradient reversal layer
+  (backward -0.5 g, as in domain-adversarial training) gave NaN scales for w2 and a
+  quarter of w1's, a negated tangent NaN, a jvp that ignores dw scales 0. Expected: the
+  net without them."""
+
+  @jax.custom_vjp
+  def reverse(h):
+    return h
+
+  reverse.defvjp(lambda h: (h, None), lambda _, g: (-0.5 * g,))
+
+  @jax.custom_jvp
+  def negated(h):
+    return h
+
+  negated.defjvp(lambda primals, tangents: (primals[0], -tangents[0]))
+
+  @jax.custom_jvp
+  def layer(h, w):
+    return jax.nn.relu(h @ w)
+
+  layer.defjvp(lambda primals, tangents: (layer(*primals), tangents[0] @ primals[1]))
+  plain = three(jax.nn.relu)
+  assert_same_scales(THREE, lambda q, x: reverse(three(jax.nn.relu, reverse)(q, x)), plain)
+  assert_same_scales(THREE, three(jax.nn.relu, negated), plain)
+  assert_same_scales(THREE, lambda q, x: layer(layer(x, q['w1']), q['w2']) @ q['w3'], plain)
+
+
+@pytest.mark.parametrize(
+  'relu',
+  ['jax.nn.relu', 'jnp.maximum', 'jnp.where', 'h * (h > 0)', 'lax.clamp', 'abs of relu'],
+)
+def test_a_unit_with_all_incoming_weights_zero_has_the_scales_of_the_graph(relu):
+  """A hidden layer initialised (or pruned) to zeros: its units are exactly 0 on the
+  pass, where ReLU's derivative is 0 (0.5 for jnp.maximum, a tie). Before, their
+  incoming edges got scale 0 (or half) instead of gamma_in(u) gamma_out(v), so Path-SGD
+  took twice the step there (jnp.maximum) or divided by 0. Expected: the MLP mode's
+  scales, computed by its own passes over the kernels (no activation in them)."""
+  act = {
+    'jax.nn.relu': jax.nn.relu,
+    'jnp.maximum': lambda h: jnp.maximum(h, 0.0),
+    'jnp.where': lambda h: jnp.where(h > 0, h, 0.0),
+    'h * (h > 0)': lambda h: h * (h > 0),
+    'lax.clamp': lambda h: jax.lax.clamp(0.0, h, jnp.inf),
+    'abs of relu': lambda h: jnp.abs(jax.nn.relu(h)),
+  }[relu]
+  rng = np.random.default_rng(0)
+  layers = {
+    'Dense_0': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=4)},
+    'Dense_1': {'kernel': np.zeros((4, 4)), 'bias': np.zeros(4)},
+    'Dense_2': {'kernel': rng.normal(size=(4, 2)), 'bias': rng.normal(size=2)},
+  }
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), layers)
+
+  def net(q, x):
+    for i in range(3):
+      x = x @ q[f'Dense_{i}']['kernel'] + q[f'Dense_{i}']['bias']
+      x = act(x) if i < 2 else x
+    return x
+
+  for p in (1.0, 2.0):
+    got = optax_path.path_scales(params, p, apply_fn=net, input_shape=(3,))
+    want = optax_path.path_scales(params, p)  # the MLP mode
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert float(jnp.min(got['Dense_1']['kernel'])) > 0
+
+
+def test_a_running_max_from_minus_inf_in_a_loop_is_a_max_pool_over_time():
+  """A max over time written as a scan or fori_loop from -inf (a min from +inf): the
+  initial carry entered the pass as |-inf| = inf, so path_norm and every scale were inf
+  (every update 0). Expected: jnp.max / jnp.min over time."""
+  relu = jax.nn.relu
+
+  def over_time(pool, init):
+    def net(q, x):  # x: (batch, 3 steps, 3)
+      hs = relu(jnp.einsum('btd,dh->tbh', x, q['w1']))
+      m = jax.lax.scan(lambda m, h: (pool(m, h), None), jnp.full(hs.shape[1:], init), hs)[0]
+      return relu(m @ q['w2']) @ q['w3']
+
+    return net
+
+  def reduced(pool):
+    return lambda q, x: (
+      relu(pool(relu(jnp.einsum('btd,dh->tbh', x, q['w1'])), 0) @ q['w2']) @ q['w3']
+    )
+
+  for pool, init, reference in ((jnp.maximum, -jnp.inf, jnp.max), (jnp.minimum, jnp.inf, jnp.min)):
+    net = over_time(pool, init)
+    for p in (1.0, 2.0):
+      got = optax_path.path_scales(THREE, p, apply_fn=net, input_shape=(3, 3))
+      want = optax_path.path_scales(THREE, p, apply_fn=reduced(reference), input_shape=(3, 3))
+      for key in THREE:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+      norm = optax_path.path_norm(THREE, p, apply_fn=net, input_shape=(3, 3))
+      assert np.isfinite(float(norm))
+
+
+def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
+  """A lax.cond whose predicate, or a mask whose zeros, scope cannot compute (drawn
+  from a PRNG key, over 2^20 entries, a loop counter): it took every branch as possible,
+  and the leaf on no path was accepted with scale 0 everywhere. Now the pass with every
+  parameter 1 finds it. A mask of such constants that cuts nothing is accepted, with the
+  scales of the net without it."""
+  relu = jax.nn.relu
+  params = {**THREE, 'w4': THREE['w2'][::-1]}
+
+  def choosing(predicate):
+    def net(q, x):
+      h = relu(x @ q['w1'])
+      h = jax.lax.cond(predicate(), lambda h: relu(h @ q['w2']), lambda h: relu(h @ q['w4']), h)
+      return h @ q['w3']
+
+    return net
+
+  def counted(q, x):
+    h = relu(x @ q['w1'])
+    step = lambda i, h: jax.lax.cond(
+      i > 100, lambda h: relu(h @ q['w4']), lambda h: relu(h @ q['w2']), h
+    )
+    return jax.lax.fori_loop(0, 2, step, h) @ q['w3']
+
+  def masked(mask):
+    return lambda q, x: relu(relu(x @ q['w1']) @ (q['w4'] * mask())) @ q['w3'] + three(relu)(q, x)
+
+  refused = {
+    'PRNG predicate': choosing(lambda: jax.random.uniform(jax.random.key(0)) > -1.0),
+    'large predicate': choosing(lambda: jnp.ones((1100, 1000)).sum() > 0),
+    'loop counter': counted,
+    'large zeros': masked(lambda: jnp.zeros((1100, 1000))[:4, :4]),
+    'PRNG zeros': masked(lambda: jax.random.uniform(jax.random.key(1), (4, 4)) * 0.0),
+  }
+  for name, net in refused.items():
+    for call in (
+      lambda net=net: optax_path.path_scales(params, apply_fn=net, input_shape=(3,)),
+      lambda net=net: optax_path.path_normalize(apply_fn=net, input_shape=(3,)).init(params),
+    ):
+      with pytest.raises(ValueError, match=r'on no path of the network: w4 \(4, 4\)'):
+        call()
+  ones = masked(lambda: jax.random.uniform(jax.random.key(1), (4, 4)) * 0.0 + 1.0)
+  reference = lambda q, x: relu(relu(x @ q['w1']) @ q['w4']) @ q['w3'] + three(relu)(q, x)
+  assert_same_scales(params, ones, reference)
+
+
+def test_more_idioms_a_breaker_tried():
+  """A loop of no rounds returns its initial carry (fori_loop(0, 0, ..., w2) is w2: it
+  said 'does not use w2'); jax.debug.print was refused as a nonlinearity (it returns
+  nothing; dropped from the pass); h.at[i].multiply(c) is refused with what to write; a
+  leaf feeding only a scan's discarded outputs is named as unused."""
+  relu = jax.nn.relu
+  loop = lambda q, x: (
+    relu(relu(x @ q['w1']) @ jax.lax.fori_loop(0, 0, lambda i, c: jnp.ones_like(c), q['w2']))
+    @ q['w3']
+  )
+  assert_same_scales(THREE, loop, three(relu))
+
+  def printing(q, x):
+    h = relu(x @ q['w1'])
+    jax.debug.print('h = {h}', h=h)
+    return relu(h @ q['w2']) @ q['w3']
+
+  assert_same_scales(THREE, printing, three(relu))
+  multiplied = three(relu, lambda h: h.at[:, 1].multiply(-1.0))
+  with pytest.raises(ValueError, match=r'h.at\[i\].multiply\(c\)\): write h \* m'):
+    optax_path.path_scales(THREE, apply_fn=multiplied, input_shape=(3,))
+
+  def discarded(q, x):
+    h = relu(x @ q['w1'])
+    _, ys = jax.lax.scan(lambda c, _: (c, c @ q['w4']), h, None, length=2)
+    return relu(h @ q['w2']) @ q['w3']
+
+  with pytest.raises(ValueError, match=r'does not use these params leaves: w4 \(4, 4\)'):
+    optax_path.path_scales({**THREE, 'w4': THREE['w2']}, apply_fn=discarded, input_shape=(3,))
 
 
 def test_a_second_breaker_round_on_the_minus_inf_of_empty_segments():

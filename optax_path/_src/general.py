@@ -49,8 +49,8 @@ the pass treats a max pool as a unit with an edge of weight 1 from every member 
 window: ``apply_fn`` is traced to a jaxpr and evaluated with ``reduce_window_max`` as
 ``reduce_window_sum`` (same window, strides and padding; padding is no unit),
 ``jnp.max`` over axes (global max pooling) as ``jnp.sum``, and an elementwise max of
-two activations as their sum; a max with a constant (ReLU) is kept, and so are
-custom derivatives (ReLU's is 0 at 0). These are the path scales and ``phi_p`` of the
+two activations as their sum; ReLU is the identity (with derivative 1 at 0 too), and
+custom derivatives give way to their functions' own. These are the path scales and ``phi_p`` of the
 network's graph over all its paths, and they are invariant to channel rescalings (a
 window lies in one channel), so Path-SGD stays rescaling invariant (Theorem 4.1).
 ``argmax``, ``sort``, ``top_k`` and their kin applied to activations have no path form
@@ -232,13 +232,18 @@ def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:
       'general mode evaluates apply_fn on the params it is given: mask only leaves that '
       'the forward pass does not use, or apply path_normalize to the whole params tree.'
     )
-  flax_scope = type(error).__name__ == 'ScopeCollectionNotFound'  # model.apply given
-  hint = (
-    "apply_fn takes the params tree itself, not Flax's variables: for a Linen module, "
-    "apply_fn=lambda q, x: model.apply({'params': q}, x). "
-    if flax_scope
-    else ''
-  )
+  hint = ''
+  if type(error).__name__ == 'ScopeCollectionNotFound':  # model.apply given
+    hint = (
+      "apply_fn takes the params tree itself, not Flax's variables: for a Linen module, "
+      "apply_fn=lambda q, x: model.apply({'params': q}, x). "
+    )
+  elif 'divisible' in str(error):  # a shard_map or sharding over the batch axis
+    hint = (
+      'A batch of one cannot be split over devices: give path_normalize the apply_fn '
+      'without the data-parallel shard_map or batch sharding (the scales do not depend '
+      'on the batch). '
+    )
   return ValueError(
     f'apply_fn failed on an all-ones input of shape {(1, *input_shape)}: a batch of one '
     f'input of input_shape={input_shape}. {hint}Check that input_shape is the shape of '
@@ -261,16 +266,19 @@ def _used_inputs(jaxpr: jex_core.Jaxpr, used_outputs: list[bool] | None = None) 
 
 def _operands_read(eqn: jex_core.JaxprEqn, used: list[bool]) -> list[bool]:
   """Which operands of ``eqn`` its ``used`` outputs read: a call (``jit``, ``shard_map``)
-  or ``cond`` is followed into its bodies, a ``scan`` into its body (every output of each
-  round counted); any other equation reads all of them."""
+  or ``cond`` is followed into its bodies, a ``scan`` into its body (its initial carries
+  always count as read); any other equation reads all of them."""
   body = None if eqn.effects else positive_pass.call_body(eqn)
   if body is not None:
     return _used_inputs(body, used)
   if eqn.primitive.name == 'cond' and not eqn.effects:
     branches = [_used_inputs(b.jaxpr, used) for b in eqn.params['branches']]
     return [True] + [any(reads) for reads in zip(*branches)]
-  if eqn.primitive.name == 'scan' and not eqn.effects:
-    return _used_inputs(eqn.params['jaxpr'].jaxpr)
+  if eqn.primitive.name == 'scan' and not eqn.effects:  # carries: read in later rounds,
+    n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']  # or passed on
+    body_used = [True] * n_carry + used[n_carry:]  # when no round runs
+    reads = _used_inputs(eqn.params['jaxpr'].jaxpr, body_used)
+    return reads[:n_consts] + [True] * n_carry + reads[n_consts + n_carry :]
   return [True] * len(eqn.invars)
 
 
@@ -301,8 +309,8 @@ def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
   off = [i for j, i in enumerate(traced.indices) if used[j] and j not in on_pass]
   if off:
     raise ValueError(
-      'apply_fn uses these params leaves only on branches that the |theta|^p pass never '
-      'takes: '
+      'apply_fn uses these params leaves only where the |theta|^p pass counts no path '
+      '(on branches it never takes, or times a constant 0): '
       + '; '.join(
         f'{layers_lib.format_path(traced.named_leaves[i][0])} '
         f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
@@ -312,7 +320,8 @@ def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
       'update them. On the pass every unit is non-negative, so jnp.where(h >= 0, h, a * h) '
       '(PReLU) always passes h: use a fixed slope (jax.nn.leaky_relu, or the slope as a '
       "constant). A lax.cond on a fixed flag takes one branch: leave the other branch's "
-      'params out of params. Or train this network with another optimizer.'
+      'params out of params, as those multiplied by zeros. Or train this network with '
+      'another optimizer.'
     )
 
 
@@ -321,8 +330,40 @@ def check_network(params: Any, apply_fn: ApplyFn, input_shape: tuple[int, ...]) 
   ``log_scale_leaves`` that its network would give (used at ``init``, before any step)."""
   traced = _trace(params, apply_fn, input_shape)
   _check_used(traced)
-  _check_on_pass(traced, scope.check(traced.closed_jaxpr, _param_names(traced)))
+  checked = scope.check(traced.closed_jaxpr, _param_names(traced))
+  _check_on_pass(traced, checked.on_pass)
+  if checked.unsure:
+    _check_on_some_path(traced)
   return traced
+
+
+def _check_on_some_path(traced: _Traced) -> None:
+  """Where ``scope`` could not compute a constant that decides which params are on the
+  pass, the pass itself with every parameter 1 (p = 1: each scale counts the paths
+  through the leaf) finds a leaf on no path; not inside a trace."""
+  closed = traced.closed_jaxpr
+  floats = [traced.named_leaves[i][1] for i in traced.indices]
+  if _is_traced(floats) or _is_traced(closed.consts):
+    return
+  ones = [jnp.ones(jnp.shape(f), v.aval.dtype) for f, v in zip(floats, closed.jaxpr.invars)]
+  compiled = _compiled_pass(_log_scales, closed.jaxpr, positive_pass.structure_key(closed), 1.0)
+  log_counts = compiled(list(closed.consts), ones)
+  off = [i for i, c in zip(traced.indices, log_counts) if bool(jnp.all(c == -jnp.inf))]
+  if off:
+    raise ValueError(
+      'These params leaves are on no path of the network: '
+      + '; '.join(
+        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
+        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
+        for i in off
+      )
+      + '. With every parameter set to 1, the |theta|^p pass counts no path through them: '
+      'each meets a constant 0 or a branch the pass does not take, decided by a value the '
+      'check could not read in advance (drawn from a PRNG key, an array of over 2^20 '
+      'entries, a loop counter). Their path scale would be 0, so Path-SGD would never '
+      'update them: leave them out of params, route them to another transformation with '
+      'optax.partition, or exclude them with optax.masked.'
+    )
 
 
 def _phi_p_to_the_p(jaxpr, consts, q: list[jax.Array]) -> jax.Array:

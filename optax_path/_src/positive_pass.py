@@ -24,16 +24,24 @@ operand depends on the params or the input (an *activation*):
 - ``max`` / ``min`` of two activations (an elementwise max of two branches) -> their
   sum; ``scatter-max`` / ``scatter-min`` (``jax.ops.segment_max``, ``.at[i].max``: a
   max pool over the neighbours of a fixed graph) -> ``scatter-add``, its constant
-  operand (``-inf``, no unit; or 0) entering as 0. With a constant operand (``relu(x) = max(x, 0)``, a literal or an array that
-  depends on neither) a max is kept: ReLU is the identity on this pass. A min with a
-  constant (``min(x, 0) = -relu(-x)``, ``lax.clamp(0, x, inf)``) -> ``x``, which it
-  would otherwise cut to 0 on this pass.
+  operand (``-inf``, no unit; or 0) entering as 0. A max or min with a constant
+  (``relu(x) = max(x, 0)``, ``min(x, 0) = -relu(-x)``, ``lax.clamp(0, x, inf)``) -> ``x``:
+  on this pass every unit is ``>= 0``, ReLU is the identity, and its derivative must be 1
+  also at 0 (a unit whose incoming weights are all 0 still passes on the paths into its
+  outgoing edges' ``gamma_out``), where ``max`` has 0.5 and ``jax.nn.relu`` 0. For the
+  same reason ``abs`` is the identity, and a comparison of an activation with 0 (a ReLU
+  written ``jnp.where(h > 0, h, 0)`` or ``h * (h > 0)``) takes 0 as positive.
+- A running max from ``-inf`` in a ``scan`` (a max over time): an infinite initial
+  carry enters as 0, no unit.
 - ``pad`` of an activation with ``-inf`` or ``+inf`` (a max or min pool's explicit
   padding, as in ``jnp.pad(h, ..., constant_values=-jnp.inf)``) -> pad with 0.
 
 - ``stop_gradient`` -> the identity: the scales are a gradient of the pass, and eq. 9
   counts the paths through a weight in every use, also one the loss does not
-  differentiate.
+  differentiate. For the same reason ``custom_jvp`` and ``custom_vjp`` functions are
+  evaluated by their bodies, whose derivatives the pass's own are: the derivatives a
+  user chose (a gradient reversal layer's ``-g``) are no paths'.
+- ``jax.debug.print`` of activations: dropped.
 - ``sub`` of activations -> ``add``, ``neg`` -> the identity, and in ``add``,
   ``sub``, ``mul``, ``div``, ``dot_general`` and ``conv_general_dilated`` with an
   activation, a constant operand -> its absolute value: a fixed weight ``c`` (an input
@@ -45,16 +53,15 @@ An overflow of the pass must reach ``phi_p^p`` (which is then untrusted), never 
 set to 0 on the way, leaving it finite without the paths it lost. So a test that only
 tells finite values from ``inf`` and NaN (``jnp.isfinite(h)``, ``h == -jnp.inf``,
 ``jnp.isnan``, in ``jnp.nan_to_num``) takes its value at finite activations; another
-comparison reads a NaN (``inf * 0``) as ``inf``, so that ``jnp.where(h > 0, h, 0)``
-passes it on; and ``h * 0`` is 0, as ``scope`` takes it.
+comparison reads a NaN (``inf * 0``) as ``inf`` (and 0 as positive, above), so that
+``jnp.where(h > 0, h, 0)`` passes it on; and ``h * 0`` is 0, as ``scope`` takes it.
 
 Every substitution is linear and keeps each channel within itself, so the pass stays
 invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled by one
 ``c^p``, and a max of two activations is positively homogeneous only if both scale
-alike. Other primitives are bound as traced. Calls (``jit``, ``custom_jvp_call``,
-``custom_vjp_call``, ``remat``, ``closed_call``) are inlined where their body holds a
-substitution, and otherwise bound as they are, so that custom derivatives (ReLU's is 0
-at 0) stay. ``cond`` branches and ``scan`` bodies are rewritten (a carry is an
+alike. Other primitives are bound as traced. Calls (``jit``, ``remat``,
+``closed_call``) are inlined where their body holds a substitution, and otherwise bound
+as they are; ``custom_jvp_call`` and ``custom_vjp_call`` are always inlined (above). ``cond`` branches and ``scan`` bodies are rewritten (a carry is an
 activation if its initial value is, or if the body makes it one in some round), and so
 is a ``shard_map``'s body, mapped over the same mesh and specs (collectives bound as
 they are). Out of scope, raising ``ValueError`` that names the primitive: ``argmax``,
@@ -88,6 +95,8 @@ COMPARISONS = frozenset({'eq', 'ne', 'gt', 'ge', 'lt', 'le'})
 SELECTS_BY_VALUE = frozenset(
   {'argmax', 'argmin', 'sort', 'top_k', 'approx_top_k', 'cummax', 'cummin', 'pmax', 'pmin'}
 )
+#: Print or call back on the host, returning nothing: dropped from the pass.
+DEBUG_OUTPUT = frozenset({'debug_print', 'debug_callback'})
 #: Linear in each operand: on the pass, a constant operand enters as its absolute value.
 _WEIGHTED = frozenset({'add', 'add_any', 'mul', 'div', 'dot_general', 'conv_general_dilated'})
 #: Primitives that place, add or subtract entries: which operands are data (the rest,
@@ -200,19 +209,19 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
   name = eqn.primitive.name
   if not any(dependent):
     return None
+  if name in DEBUG_OUTPUT:
+    return 'drop'
   if name in _WINDOW_MAX or name in _REDUCE_MAX:
     return 'sum'
-  if name in _ELEMENTWISE_MAX:
-    if all(dependent):
-      return 'add'
-    return 'pass_on' if name == 'min' else None  # min(h, 0) would pass 0: no path
+  if name in _ELEMENTWISE_MAX:  # with a constant (scope: 0 or the identity): relu(h), -relu(-h)
+    return 'add' if all(dependent) else 'pass_on'
   if name == 'clamp':
     return 'pass_on' if dependent == [False, True, False] else None
   if name in SCATTER_MAXIMA and (dependent[0] or dependent[2]):
     return 'scatter_sum'
   if name == 'sub':
     return 'add_magnitudes'
-  if name in ('neg', 'stop_gradient'):
+  if name in ('neg', 'abs', 'stop_gradient'):
     return 'identity'
   if name in _WEIGHTED and not all(dependent):
     return 'constant_magnitudes'
@@ -231,7 +240,7 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
   if is_finiteness_test(eqn, dependent):
     return 'finite_value'
   if name in COMPARISONS:
-    return 'compare_nan_as_inf' if soft else None
+    return 'compare_as_positive' if soft else None
   if name in SELECTS_BY_VALUE:
     return 'unsupported'
   return _nested_rule(eqn, dependent, soft)
@@ -267,7 +276,8 @@ def _nested_rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool) -> s
   name = eqn.primitive.name
   if name in _CALLS and _CALLS[name] in eqn.params:
     body, _ = _open(eqn.params[_CALLS[name]])
-    return 'inline' if _rewrites(body, dependent, soft) else None
+    custom = name.startswith('custom_')  # its own derivative is no path's: the body's is
+    return 'inline' if custom or _rewrites(body, dependent, soft) else None
   if name == 'cond':
     branches = eqn.params['branches']
     return 'cond' if any(_rewrites(b.jaxpr, dependent[1:], soft) for b in branches) else None
@@ -339,15 +349,41 @@ def _eval(
   def read(atom):
     return atom.val if isinstance(atom, jex_core.Literal) else env[atom]
 
+  zeros: set[Any] = set()  # constants known to be 0 here (a literal, broadcast or cast)
   for eqn in jaxpr.eqns:
     flags = [_is_dependent(v, dependent) for v in eqn.invars]
     values = [read(v) for v in eqn.invars]
     with eqn.ctx.manager:
       outs = _apply(eqn, _rule(eqn, flags), values, flags)
+    zero = _zero_result(eqn, flags, zeros)
+    if zero:
+      zeros.update(eqn.outvars)
+      if any(flags):  # h * 0, 0 @ w: the constant 0 (as scope takes it), even where h is inf
+        outs = [jnp.zeros_like(out) for out in outs]
     for v, out in zip(eqn.outvars, outs):
       env[v] = out
-      dependent[v] = any(flags)
+      dependent[v] = any(flags) and not zero
   return [read(v) for v in jaxpr.outvars]
+
+
+_KEEPS_ZERO = frozenset({'broadcast_in_dim', 'convert_element_type', 'reshape', 'pvary'})
+
+
+def _zero_result(eqn: jex_core.JaxprEqn, flags: list[bool], zeros: set[Any]) -> bool:
+  """Whether ``eqn`` gives a constant 0: a product with a known 0 factor, or a known 0
+  broadcast, cast or reshaped. Then it is no activation, and a comparison of it (``h * 0
+  == 0``) is not one of a unit, which the pass takes as positive."""
+  name = eqn.primitive.name
+
+  def is_zero(atom):
+    if isinstance(atom, jex_core.Literal):
+      return bool(np.all(np.asarray(atom.val) == 0))
+    return atom in zeros
+
+  if name in _KEEPS_ZERO and not any(flags):
+    return is_zero(eqn.invars[0])
+  products = ('mul', 'dot_general', 'conv_general_dilated')
+  return name in products and any(not f and is_zero(v) for v, f in zip(eqn.invars, flags))
 
 
 def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: list[bool]):
@@ -364,13 +400,15 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     return [lax.add(values[0], values[1])]
   if rule == 'identity':
     return [values[0]]
+  if rule == 'drop':
+    return []
   if rule == 'gather_fill_zero':
     zero = {**eqn.primitive.get_bind_params(params), 'fill_value': 0}
     return [eqn.primitive.bind(*values, **zero)]
   if rule == 'finite_value':  # overflow on the pass stays inf, never dropped by a guard
     return [finite_value(eqn, flags, values)]
   if rule == 'pass_on':
-    return [values[flags.index(True)]]
+    return [jnp.broadcast_to(values[flags.index(True)], eqn.outvars[0].aval.shape)]
   if rule == 'add_magnitudes':
     a, b = _constant_magnitudes(values, flags)
     return [lax.add(a, b)]
@@ -382,11 +420,14 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     ]
     out = eqn.primitive.bind(*magnitudes, **bind_params)
     if name == 'mul':  # h * 0 is 0 (as scope takes it), even where h overflowed to inf
-      constant = magnitudes[flags.index(False)]
-      out = jnp.where(constant == 0, jnp.zeros_like(out), out)
+      zero = jnp.zeros_like(out)
+      constant_is_zero = zero + (magnitudes[flags.index(False)] == 0)  # sharded as out
+      out = jnp.where(constant_is_zero != 0, zero, out)
     return out if eqn.primitive.multiple_results else [out]
-  if rule == 'compare_nan_as_inf':  # a NaN of the pass is an overflow (inf * 0): not 0
-    compared = [jnp.where(jnp.isnan(v), jnp.inf, v) if f else v for v, f in zip(values, flags)]
+  if rule == 'compare_as_positive':  # 0 and NaN (an overflow: inf * 0) as positive units
+    compared = [
+      jnp.where(jnp.isnan(v) | (v == 0), jnp.inf, v) if f else v for v, f in zip(values, flags)
+    ]
     return [eqn.primitive.bind(*compared, **eqn.primitive.get_bind_params(params))]
   if rule == 'scatter_sum':  # a max's constant is 0 or its identity (scope): no unit
     constant = jnp.zeros_like if name in SCATTER_MAXIMA else jnp.abs
@@ -415,8 +456,7 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     window = {k: params[k] for k in names}
     return [lax.reduce_window_sum_p.bind(values[0], **window)]
   if rule == 'pad_finite':
-    value = jnp.asarray(values[1], jnp.result_type(values[0]))
-    value = jnp.where(jnp.isinf(value), jnp.zeros_like(value), jnp.abs(value))
+    value = _no_unit_if_infinite(jnp.asarray(values[1], jnp.result_type(values[0])))
     return [lax.pad(values[0], value, params['padding_config'])]
   if rule == 'inline':
     body, consts = _open(params[_CALLS[name]])
@@ -434,6 +474,10 @@ def _constant_magnitudes(values: list[Any], flags: list[bool]) -> list[Any]:
   return [v if dependent else jnp.abs(v) for v, dependent in zip(values, flags)]
 
 
+def _no_unit_if_infinite(value: Any) -> Any:
+  return jnp.where(jnp.isinf(value), jnp.zeros_like(value), jnp.abs(value))
+
+
 def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
   """``cond`` with each branch evaluated with the substitutions."""
   avals = [jax.typeof(v) for v in values[1:]]
@@ -449,8 +493,9 @@ def _scan(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[
   """``scan`` with its body evaluated with the substitutions, in every round."""
   body = eqn.params['jaxpr']
   inner = _scan_body_flags(eqn, flags)
-  # a constant initial carry that the body turns into an activation enters as |c|
-  values = [jnp.abs(v) if i and not f else v for v, f, i in zip(values, flags, inner)]
+  # a constant initial carry that the body turns into an activation enters as |c|, an
+  # infinite one (a running max from -inf: the max's identity, scope) as 0: no unit
+  values = [_no_unit_if_infinite(v) if i and not f else v for v, f, i in zip(values, flags, inner)]
   avals = [v.aval for v in body.jaxpr.invars]
   rewritten = jax.make_jaxpr(lambda *xs: _eval(body.jaxpr, body.consts, xs, inner))(*avals)
   params = dict(eqn.params, jaxpr=rewritten)

@@ -63,7 +63,7 @@ import dataclasses
 import os
 import sysconfig
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex_core
@@ -183,6 +183,9 @@ _CONST = _Kind()
 _PARAM_NAMES: contextvars.ContextVar[Sequence[str] | None] = contextvars.ContextVar(
   'param_names', default=None
 )
+#: Set by the current ``check`` where a constant it cannot compute decides which params
+#: are on the pass.
+_UNSURE: contextvars.ContextVar[list | None] = contextvars.ContextVar('unsure', default=None)
 #: Keep the value as it is: the output is the same activation.
 _SAME_VALUE = frozenset(
   {
@@ -205,9 +208,16 @@ def _activation() -> _Kind:
   return _Kind(dep=True, inp=True, ident=object())
 
 
-def check(
-  closed_jaxpr: jex_core.ClosedJaxpr, param_names: Sequence[str] | None = None
-) -> frozenset:
+class Checked(NamedTuple):
+  """What ``check`` found: the positions of the parameters on the pass, and whether
+  that depends on constants it could not compute (drawn from a PRNG key, over
+  ``2^20`` entries, a loop counter), which may cut their paths."""
+
+  on_pass: frozenset
+  unsure: bool
+
+
+def check(closed_jaxpr: jex_core.ClosedJaxpr, param_names: Sequence[str] | None = None) -> Checked:
   """Raises ``ValueError`` if the traced ``apply_fn`` is outside Path-SGD's scope.
 
   Args:
@@ -216,8 +226,10 @@ def check(
     param_names: the parameters' names (key paths), for the messages.
 
   Returns:
-    The positions (among the inputs) of the parameters on the pass: those that reach
-    the output along the branches the ``|theta|^p`` pass takes.
+    ``Checked``: the positions (among the inputs) of the parameters on the pass, those
+    that reach the output along the branches the ``|theta|^p`` pass takes, and whether
+    a constant not known here (a branch's predicate, a mask, a factor, indices) decides
+    some of them.
 
   Raises:
     ValueError: naming the first primitive, in the order of the trace, that makes the
@@ -228,15 +240,22 @@ def check(
   n_params = len(jaxpr.invars) - 1
   kinds = [_Kind(dep=True, params=frozenset({i})) for i in range(n_params)] + [_activation()]
   consts = [_Kind(value=c) for c in closed_jaxpr.consts]
-  token = _PARAM_NAMES.set(param_names)
+  token, unsure = _PARAM_NAMES.set(param_names), _UNSURE.set([])
   try:
     with jax.ensure_compile_time_eval():
       outs = _check(jaxpr, consts, kinds)
+    return Checked(_join(outs).params, bool(_UNSURE.get()))
   except _OutOfScope as error:  # a plain ValueError for the user, not this module's class
     raise ValueError(str(error)) from None
   finally:
     _PARAM_NAMES.reset(token)
-  return _join(outs).params
+    _UNSURE.reset(unsure)
+
+
+def _unsure() -> None:
+  found = _UNSURE.get()
+  if found is not None:
+    found.append(True)
 
 
 def _check(jaxpr: jex_core.Jaxpr, consts: Sequence[_Kind], kinds: Sequence[_Kind]) -> list[_Kind]:
@@ -298,6 +317,9 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   is_call = bodies and name not in ('reduce_window', 'reduce', 'scan')
   if not any(k.dep for k in ops) and not is_call:
     return [_Kind(value=v) for v in _folded(eqn, ops)]
+  if name == 'scan' and eqn.params['length'] == 0:  # no round: the carries as they came
+    n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+    return ops[n_consts : n_consts + n_carry] + [_zeros_of(v) for v in eqn.outvars[n_carry:]]
   if name == 'scan':
     return _scan_kinds(eqn, ops)
   if name == 'cond':
@@ -316,6 +338,7 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
     ]
     joined = [_identified(_join(column), object()) for column in zip(*outs)]
     if ops[0].value is None or np.size(ops[0].value) != 1:
+      _unsure()  # the branch the pass takes is not known here
       return joined
     taken = outs[int(np.clip(np.asarray(ops[0].value).item(), 0, len(outs) - 1))]
     return [dataclasses.replace(j, params=t.params) for j, t in zip(joined, taken)]
@@ -343,6 +366,13 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
 
   if name in positive_pass.SELECTS_BY_VALUE:
     raise ValueError(positive_pass.unsupported_message(eqn))
+  if name in positive_pass.DEBUG_OUTPUT:  # jax.debug.print: no value
+    return _CONST
+  if name == 'scatter-mul':
+    refuse(
+      'a product placed into entries (h.at[i].multiply(c)): write h * m, with m a constant '
+      'array holding c at i and 1 elsewhere'
+    )
   if any(k.infinities or k.at_infinity is not None for k in ops):
     return _infinite(eqn, name, ops)
   if positive_pass.is_finiteness_test(eqn, [k.dep for k in ops]) and not joined.gate:
@@ -408,6 +438,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     )
   if name == 'select_n':
     predicate, cases = ops[0], ops[1:]
+    if not predicate.dep and predicate.value is None:
+      _unsure()  # a mask not known here may drop some cases' params
     if not predicate.dep and predicate.value is not None:  # a known choice: isfinite(h)
       cases = [cases[i] for i in np.unique(np.asarray(predicate.value).astype(int))]
       if len(cases) == 1:
@@ -456,6 +488,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     return joined
   if name in ('reduce_window', 'reduce'):
     return _reduction(eqn, name, ops)
+  if name in _PRODUCTS and any(not k.dep and k.value is None for k in ops):
+    _unsure()  # a factor not known here may be 0
   if name == 'mul':
     if sum(k.act for k in ops) > 1:
       refuse('a product of two activations (attention, gating, x * x)')
@@ -502,6 +536,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
 
 
 def _check_indices(name: str, indices: list[_Kind]) -> None:
+  if any(not k.dep and k.value is None for k in indices):
+    _unsure()  # which units it takes is not known here
   if any(k.inp for k in indices):
     _refuse(name, 'indices read from the input (an embedding lookup)')
   if any(k.dep for k in indices):
@@ -858,7 +894,7 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   scatter = eqn.primitive.name in positive_pass.PLACING or eqn.primitive.name in _ALL_MAXIMA
   if not small or (any(_is_jaxpr(v) for v in eqn.params.values()) and not scatter):
     return [None] * n_out  # a scatter's update_jaxpr is no body of ours: counts fold
-  if eqn.primitive.name == 'pvary':  # a type cast that binds only inside shard_map
+  if eqn.primitive.name in _SHARDING_CASTS:  # the value as it is, on any devices
     return values
   try:
     out = _bind_here(eqn, values)
@@ -867,14 +903,19 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
+#: Change only where a value lives, or its type inside shard_map (pvary): folded as the
+#: value itself, since they cannot always be bound outside the trace's mesh.
+_SHARDING_CASTS = frozenset({'pvary', 'reshard', 'mesh_cast', 'sharding_constraint'})
+
+
 def _bind_here(eqn: jex_core.JaxprEqn, args: Sequence[Any]) -> Any:
-  """``eqn``'s primitive applied to concrete ``args``, outside the trace and any mesh:
+  """``eqn``'s primitive applied to concrete ``args``, under an empty abstract mesh and
   without the sharding it was traced with (a shard_map's manual axes, which the user's
   ``jax.set_mesh`` around the call would contradict)."""
   params = eqn.primitive.get_bind_params(eqn.params)
   params = {k: None if k in ('sharding', 'out_sharding') else v for k, v in params.items()}
   empty = jax.sharding.AbstractMesh((), ())
-  with jax.sharding.use_abstract_mesh(empty), jax.set_mesh(None):
+  with jax.sharding.use_abstract_mesh(empty):
     return eqn.primitive.bind(*args, **params)
 
 
@@ -891,7 +932,11 @@ def _finite_value(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> _Kind:
 
 
 def _zeros(eqn: jex_core.JaxprEqn) -> _Kind:
-  aval = eqn.outvars[0].aval
+  return _zeros_of(eqn.outvars[0])
+
+
+def _zeros_of(var: Any) -> _Kind:
+  aval = var.aval
   small = np.prod(aval.shape, dtype=int) <= _FOLD_LIMIT
   return _Kind(value=np.zeros(aval.shape, aval.dtype) if small else None)
 
