@@ -345,7 +345,7 @@ def _check_on_some_path(traced: _Traced) -> None:
   floats = [traced.named_leaves[i][1] for i in traced.indices]
   if _is_traced(floats) or _is_traced(closed.consts):
     return
-  ones = [jnp.ones(jnp.shape(f), v.aval.dtype) for f, v in zip(floats, closed.jaxpr.invars)]
+  ones = [jnp.ones_like(f, v.aval.dtype) for f, v in zip(floats, closed.jaxpr.invars)]
   compiled = _compiled_pass(_log_scales, closed.jaxpr, positive_pass.structure_key(closed), 1.0)
   log_counts = compiled(list(closed.consts), ones)
   off = [i for i, c in zip(traced.indices, log_counts) if bool(jnp.all(c == -jnp.inf))]
