@@ -467,10 +467,8 @@ def test_dead_units_and_overflowing_scales_give_zero_not_nan():
   """Finite phi, yet some scales beyond float32: behind a zero weight ``c`` sit two
   weights of 1e15 (gamma_out = 1e60 = inf), so ``c``'s scale overflows (update 0, as in
   the MLP mode) and ``e``'s gradient is 0 * inf = nan (read as an overflow: update 0).
-  A unit with no path to the output gets scale 0 and update 0.
-
-  (Behind a ReLU, ``c``'s scale would be 0: a unit whose gamma_in is 0 has pre-activation
-  0, where ReLU's derivative is 0. Its incoming edges' loss gradients are 0 as well.)"""
+  A unit with no path to the output gets scale 0 and update 0. (Behind a ReLU, ``c``'s
+  scale is the same: ReLU is the identity on the pass, with derivative 1 also at 0.)"""
   params = {
     'a': jnp.array([[1.0, 2.0]]),
     'b': jnp.array([[3.0], [0.0]]),
