@@ -61,9 +61,10 @@ invariant to the rescalings of Theorem 4.1: a window lies in one channel, scaled
 ``c^p``, and a max of two activations is positively homogeneous only if both scale
 alike. Other primitives are bound as traced. Calls (``jit``, ``remat``,
 ``closed_call``) are inlined where their body holds a substitution, and otherwise bound
-as they are; ``custom_jvp_call`` and ``custom_vjp_call`` are always inlined (above). ``cond`` branches and ``scan`` bodies are rewritten (a carry is an
-activation if its initial value is, or if the body makes it one in some round), and so
-is a ``shard_map``'s body, mapped over the same mesh and specs (collectives bound as
+as they are; ``custom_jvp_call`` and ``custom_vjp_call`` are always inlined (above).
+``cond`` branches and ``scan`` bodies are rewritten (a carry is an activation if its
+initial value is, or if the body makes it one in some round), and so is a
+``shard_map``'s body, mapped over the same mesh and specs (collectives bound as
 they are). Out of scope, raising ``ValueError`` that names the primitive: ``argmax``,
 ``argmin``, ``sort``, ``top_k``, ``cummax``, ``cummin`` and cross-device maxima of
 activations, which select units by value and have no path form; and a substitution
