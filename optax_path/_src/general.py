@@ -268,18 +268,26 @@ def _operands_read(eqn: jex_core.JaxprEqn, used: list[bool]) -> list[bool]:
   """Which operands of ``eqn`` its ``used`` outputs read: a call (``jit``, ``shard_map``)
   or ``cond`` is followed into its bodies, a ``scan`` into its body (its initial carries
   always count as read); any other equation reads all of them."""
-  body = None if eqn.effects else positive_pass.call_body(eqn)
+  if eqn.effects:
+    return [True] * len(eqn.invars)
+  body = positive_pass.call_body(eqn)
   if body is not None:
     return _used_inputs(body, used)
-  if eqn.primitive.name == 'cond' and not eqn.effects:
+  if eqn.primitive.name == 'cond':
     branches = [_used_inputs(b.jaxpr, used) for b in eqn.params['branches']]
     return [True] + [any(reads) for reads in zip(*branches)]
-  if eqn.primitive.name == 'scan' and not eqn.effects:  # carries: read in later rounds,
+  if eqn.primitive.name == 'scan':  # carries: read in later rounds,
     n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']  # or passed on
     body_used = [True] * n_carry + used[n_carry:]  # when no round runs
     reads = _used_inputs(eqn.params['jaxpr'].jaxpr, body_used)
     return reads[:n_consts] + [True] * n_carry + reads[n_consts + n_carry :]
   return [True] * len(eqn.invars)
+
+
+def _named(traced: _Traced, indices: Sequence[int]) -> str:
+  """``'path (shape); ...'`` of the leaves at ``indices``, for the messages."""
+  leaves = [traced.named_leaves[i] for i in indices]
+  return '; '.join(f'{layers_lib.format_path(p)} {tuple(jnp.shape(leaf))}' for p, leaf in leaves)
 
 
 def _check_used(traced: _Traced) -> None:
@@ -288,11 +296,7 @@ def _check_used(traced: _Traced) -> None:
   if unused:
     raise ValueError(
       'apply_fn does not use these params leaves: '
-      + '; '.join(
-        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
-        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
-        for i in unused
-      )
+      + _named(traced, unused)
       + '. Their path scale would be 0, so Path-SGD would never update them. Check '
       'apply_fn, or route these leaves to another transformation with optax.partition '
       '(alias optax.multi_transform), or exclude them with optax.masked.'
@@ -311,11 +315,7 @@ def _check_on_pass(traced: _Traced, on_pass: frozenset) -> None:
     raise ValueError(
       'apply_fn uses these params leaves only where the |theta|^p pass counts no path '
       '(on branches it never takes, or times a constant 0): '
-      + '; '.join(
-        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
-        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
-        for i in off
-      )
+      + _named(traced, off)
       + '. They are on no path, so their path scale would be 0 and Path-SGD would never '
       'update them. On the pass every unit is non-negative, so jnp.where(h >= 0, h, a * h) '
       '(PReLU) always passes h: use a fixed slope (jax.nn.leaky_relu, or the slope as a '
@@ -352,11 +352,7 @@ def _check_on_some_path(traced: _Traced) -> None:
   if off:
     raise ValueError(
       'These params leaves are on no path of the network: '
-      + '; '.join(
-        f'{layers_lib.format_path(traced.named_leaves[i][0])} '
-        f'{tuple(jnp.shape(traced.named_leaves[i][1]))}'
-        for i in off
-      )
+      + _named(traced, off)
       + '. With every parameter set to 1, the |theta|^p pass counts no path through them: '
       'each meets a constant 0 or a branch the pass does not take, decided by a value the '
       'check could not read in advance (drawn from a PRNG key, an array of over 2^20 '
