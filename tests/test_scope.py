@@ -1185,7 +1185,7 @@ def test_a_leaf_passed_into_a_call_but_unused_there_is_named_as_unused():
     'scan': lambda x, w1, v: jax.lax.scan(lambda h, _: (body(h, w1, v), None), x, None, 1)[0],
   }
   params = {'w1': PARAMS['w1'][:, :2], 'v': PARAMS['b2']}  # square: a scan's carry
-  for name, call in calls.items():
+  for call in calls.values():
     net = lambda q, x, call=call: call(x, q['w1'], q['v'])
     with pytest.raises(ValueError, match=r'apply_fn does not use these params leaves: v \(2,\)'):
       optax_path.path_scales(params, apply_fn=net, input_shape=(2,))
@@ -1218,6 +1218,8 @@ LINEAR_MAPS = {  # fixed linear maps of activations, each weight on its own edge
   'reversed minus': lambda h: h[:, ::-1] - h,
   'fori_loop': lambda h: jax.lax.fori_loop(0, 2, lambda i, a: jnp.roll(a, 1, 1) + a, h),
   'lax.map': lambda h: jax.lax.map(lambda r: r * jnp.array([1.0, -1.0, 2.0, 0.5]), h),
+  '.at[].multiply': lambda h: h.at[:, jnp.array([1, 1, 2])].multiply(jnp.array([-2.0, 3.0, 0.5])),
+  '.at[].multiply by 0': lambda h: h.at[:, 3].multiply(0.0),
 }
 
 
@@ -1404,7 +1406,7 @@ def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
     'large zeros': masked(lambda: jnp.zeros((1100, 1000))[:4, :4]),
     'PRNG zeros': masked(lambda: jax.random.uniform(jax.random.key(1), (4, 4)) * 0.0),
   }
-  for name, net in refused.items():
+  for net in refused.values():
     for call in (
       lambda net=net: optax_path.path_scales(params, apply_fn=net, input_shape=(3,)),
       lambda net=net: optax_path.path_normalize(apply_fn=net, input_shape=(3,)).init(params),
@@ -1419,8 +1421,9 @@ def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
 def test_more_idioms_a_breaker_tried():
   """A loop of no rounds returns its initial carry (fori_loop(0, 0, ..., w2) is w2: it
   said 'does not use w2'); jax.debug.print was refused as a nonlinearity (it returns
-  nothing; dropped from the pass); h.at[i].multiply(c) is refused with what to write; a
-  leaf feeding only a scan's discarded outputs is named as unused."""
+  nothing; dropped from the pass); h.at[i].multiply(c) was refused (now: h times |c| at
+  i), c.at[i].multiply(h) is; a leaf feeding only a scan's discarded outputs is named as
+  unused."""
   relu = jax.nn.relu
   loop = lambda q, x: (
     relu(relu(x @ q['w1']) @ jax.lax.fori_loop(0, 0, lambda i, c: jnp.ones_like(c), q['w2']))
@@ -1435,12 +1438,19 @@ def test_more_idioms_a_breaker_tried():
 
   assert_same_scales(THREE, printing, three(relu))
   multiplied = three(relu, lambda h: h.at[:, 1].multiply(-1.0))
-  with pytest.raises(ValueError, match=r'h.at\[i\].multiply\(c\)\): write h \* m'):
-    optax_path.path_scales(THREE, apply_fn=multiplied, input_shape=(3,))
+  assert_same_scales(THREE, multiplied, three(relu))
+  into_constant = three(relu, lambda h: jnp.ones_like(h).at[:, 1].multiply(h[:, 0]))
+  with pytest.raises(ValueError, match=r'a product of values placed into entries'):
+    optax_path.path_scales(THREE, apply_fn=into_constant, input_shape=(3,))
+  overflowing = {**THREE, 'w1': THREE['w1'].at[:, 0].set(1e30)}  # unit 0: inf on the pass
+  cut = three(relu, lambda h: h.at[:, 0].multiply(0.0))  # inf * 0 would be NaN
+  masked = three(relu, lambda h: h * jnp.array([0.0, 1.0, 1.0, 1.0]))
+  assert_same_scales(overflowing, cut, masked)
+  assert np.isfinite(optax_path.path_norm(overflowing, apply_fn=cut, input_shape=(3,)))
 
   def discarded(q, x):
     h = relu(x @ q['w1'])
-    _, ys = jax.lax.scan(lambda c, _: (c, c @ q['w4']), h, None, length=2)
+    _, _ys = jax.lax.scan(lambda c, _: (c, c @ q['w4']), h, None, length=2)
     return relu(h @ q['w2']) @ q['w3']
 
   with pytest.raises(ValueError, match=r'does not use these params leaves: w4 \(4, 4\)'):

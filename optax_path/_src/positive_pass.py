@@ -47,7 +47,8 @@ operand depends on the params or the input (an *activation*):
   activation, a constant operand -> its absolute value: a fixed weight ``c`` (an input
   normalisation ``(x - m) / s``, an average pool's ``1/k``, a negation) enters a path as
   ``|c|``, as a parameter enters as ``|theta|^p``, so no path cancels another and no
-  ``gamma_in`` is negative.
+  ``gamma_in`` is negative. Likewise ``h.at[i].multiply(c)`` multiplies ``h`` by ``|c|``
+  placed into ones.
 
 An overflow of the pass must reach ``phi_p^p`` (which is then untrusted), never be
 set to 0 on the way, leaving it finite without the paths it lost. So a test that only
@@ -109,6 +110,8 @@ PLACING = {
   'scatter-sub': (0, 2),
   'dynamic_update_slice': (0, 1),
 }
+#: Scatters, whose ``update_jaxpr`` is the combining op of entries, no body of the network's.
+SCATTERS = frozenset({'scatter', 'scatter-add', 'scatter_add', 'scatter-sub', 'scatter-mul'})
 _CALLS = {  # call-like primitives: the parameter holding the body, which takes all invars
   'jit': 'jaxpr',
   'pjit': 'jaxpr',
@@ -232,6 +235,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent, soft)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
+  if name == 'scatter-mul' and dependent == [True, False, False]:
+    return 'scatter_scale'  # h.at[i].multiply(c)
   if name == 'scatter-sub' and (dependent[0] or dependent[2]):
     return 'scatter_sum'  # h.at[i].subtract(g): the paths of both, as for h - g
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
@@ -430,6 +435,11 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
       jnp.where(jnp.isnan(v) | (v == 0), jnp.inf, v) if f else v for v, f in zip(values, flags)
     ]
     return [eqn.primitive.bind(*compared, **eqn.primitive.get_bind_params(params))]
+  if rule == 'scatter_scale':  # h times the factors' magnitudes placed into ones; h * 0 is 0
+    operand, indices, factors = values
+    bind_params = eqn.primitive.get_bind_params(params)
+    scale = eqn.primitive.bind(jnp.ones_like(operand), indices, jnp.abs(factors), **bind_params)
+    return [jnp.where(scale == 0, jnp.zeros_like(operand), operand * scale)]
   if rule == 'scatter_sum':  # a max's constant is 0 or its identity (scope): no unit
     constant = jnp.zeros_like if name in SCATTER_MAXIMA else jnp.abs
     operand, indices, updates = (

@@ -368,13 +368,15 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     raise ValueError(positive_pass.unsupported_message(eqn))
   if name in positive_pass.DEBUG_OUTPUT:  # jax.debug.print: no value
     return _CONST
-  if name == 'scatter-mul':
-    refuse(
-      'a product placed into entries (h.at[i].multiply(c)): write h * m, with m a constant '
-      'array holding c at i and 1 elsewhere'
-    )
   if any(k.infinities or k.at_infinity is not None for k in ops):
     return _infinite(eqn, name, ops)
+  if name == 'scatter-mul':  # h.at[i].multiply(c): h times a constant array of factors
+    _check_indices(name, [ops[1]])
+    if ops[2].dep:
+      refuse('a product of values placed into entries (c.at[i].multiply(h), h.at[i].multiply(h))')
+    if ops[2].value is None:
+      _unsure()  # a factor not known here may be 0
+    return ops[0]
   if positive_pass.is_finiteness_test(eqn, [k.dep for k in ops]) and not joined.gate:
     return _finite_value(eqn, ops)
   if name == 'while':
@@ -891,7 +893,7 @@ def _folded(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[Any]:
     for v in values
     if hasattr(v, 'dtype')
   )
-  scatter = eqn.primitive.name in positive_pass.PLACING or eqn.primitive.name in _ALL_MAXIMA
+  scatter = eqn.primitive.name in positive_pass.SCATTERS or eqn.primitive.name in _ALL_MAXIMA
   if not small or (any(_is_jaxpr(v) for v in eqn.params.values()) and not scatter):
     return [None] * n_out  # a scatter's update_jaxpr is no body of ours: counts fold
   if eqn.primitive.name in _SHARDING_CASTS:  # the value as it is, on any devices
