@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import optax_path
 
@@ -1373,8 +1374,8 @@ def test_a_running_max_from_minus_inf_in_a_loop_is_a_max_pool_over_time():
 
 
 def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
-  """A lax.cond whose predicate, or a mask whose zeros, scope cannot compute (drawn
-  from a PRNG key, over 2^20 entries, a loop counter): it took every branch as possible,
+  """A lax.cond whose predicate, or a mask whose zeros, scope cannot compute (over
+  2^20 entries, a loop counter): it took every branch as possible,
   and the leaf on no path was accepted with scale 0 everywhere. Now the pass with every
   parameter 1 finds it. A mask of such constants that cuts nothing is accepted, with the
   scales of the net without it."""
@@ -1400,11 +1401,9 @@ def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
     return lambda q, x: relu(relu(x @ q['w1']) @ (q['w4'] * mask())) @ q['w3'] + three(relu)(q, x)
 
   refused = {
-    'PRNG predicate': choosing(lambda: jax.random.uniform(jax.random.key(0)) > -1.0),
     'large predicate': choosing(lambda: jnp.ones((1100, 1000)).sum() > 0),
     'loop counter': counted,
     'large zeros': masked(lambda: jnp.zeros((1100, 1000))[:4, :4]),
-    'PRNG zeros': masked(lambda: jax.random.uniform(jax.random.key(1), (4, 4)) * 0.0),
   }
   for net in refused.values():
     for call in (
@@ -1413,9 +1412,65 @@ def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
     ):
       with pytest.raises(ValueError, match=r'on no path of the network: w4 \(4, 4\)'):
         call()
-  ones = masked(lambda: jax.random.uniform(jax.random.key(1), (4, 4)) * 0.0 + 1.0)
+  ones = masked(lambda: jnp.ones((1100, 1000))[:4, :4])
   reference = lambda q, x: relu(relu(x @ q['w1']) @ q['w4']) @ q['w3'] + three(relu)(q, x)
   assert_same_scales(params, ones, reference)
+
+
+def test_random_draws_in_apply_fn_are_refused():
+  """Dropout left on in apply_fn (Linen deterministic=False, NNX Rngs made in the call)
+  was accepted: the scales were those of one thinned network (18 of 24 first-layer
+  scales 0, the rest 2x; those weights never trained). So were noise, stochastic depth
+  and masks drawn from a key. Expected: a ValueError saying to use eval mode."""
+  relu = jax.nn.relu
+  key = jax.random.key(3)
+
+  class Linen(nn.Module):
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dropout(0.5, deterministic=self.deterministic)(nn.relu(nn.Dense(8)(x)))
+      return nn.Dense(2)(h)
+
+  class NNX(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.l2 = nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+      self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs=None):
+      h = self.drop(nnx.relu(self.l1(x)), deterministic=rngs is None, rngs=rngs)
+      return self.l2(h)
+
+  linen = Linen(True).init(key, jnp.ones((1, 3)))['params']
+  graphdef, state = nnx.split(NNX(nnx.Rngs(0)))
+  nets = {
+    'linen dropout': (
+      linen,
+      lambda d: lambda q, x: Linen(d).apply({'params': q}, x, rngs={'dropout': key}),
+    ),
+    'nnx dropout': (
+      state,
+      lambda d: lambda s, x: nnx.merge(graphdef, s)(x, rngs=None if d else nnx.Rngs(dropout=3)),
+    ),
+  }
+  for params, net in nets.values():
+    optax_path.path_scales(params, apply_fn=net(True), input_shape=(3,))  # eval mode: taken
+    with pytest.raises(ValueError, match=r'draws random numbers.*dropout.*eval mode'):
+      optax_path.path_scales(params, apply_fn=net(False), input_shape=(3,))
+    with pytest.raises(ValueError, match=r'draws random numbers'):
+      optax_path.path_normalize(apply_fn=net(False), input_shape=(3,)).init(params)
+  drawn = {
+    'noise': three(relu, lambda h: h + 0.1 * jax.random.normal(key, h.shape)),
+    'mask from a key': three(relu, lambda h: h * (jax.random.uniform(key, (4,)) > 0.5)),
+    'stochastic depth': three(
+      relu, lambda h: jax.lax.cond(jax.random.bernoulli(key), lambda h: h, jnp.zeros_like, h)
+    ),
+    'zeros from a key': three(relu, lambda h: h * (jax.random.uniform(key, (4,)) * 0.0)),
+  }
+  for net in drawn.values():
+    with pytest.raises(ValueError, match=r'draws random numbers'):
+      optax_path.path_scales(THREE, apply_fn=net, input_shape=(3,))
 
 
 def test_more_idioms_a_breaker_tried():

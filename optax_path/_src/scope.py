@@ -153,6 +153,7 @@ class _Kind:
   at_infinity: tuple | None = None  # a test of such a value: (infinity, its value there)
   infinite_at: Any = None  # where those infinities can be (a bool array), None: anywhere
   finite_as: Any = None  # an abs or neg of such a value: which one (finite where it is)
+  random: bool = False  # a constant drawn from a PRNG key in apply_fn
 
   @property
   def act(self) -> bool:
@@ -170,6 +171,7 @@ class _Kind:
       self.gate or other.gate,
       params=self.params | other.params,
       infinities=self.infinities | other.infinities,
+      random=self.random or other.random,
     )
 
   def flow(self) -> tuple:
@@ -201,6 +203,17 @@ _SAME_VALUE = frozenset(
     'layout_constraint',
     'pvary',  # inside shard_map: the value, typed as varying over manual axes
   }
+)
+
+
+#: Primitives that draw random bits: their values change with the key, as dropout's masks.
+_RANDOM_DRAWS = frozenset({'random_bits', 'threefry2x32', 'rng_bit_generator', 'rng_uniform'})
+_RANDOM_MESSAGE = (
+  'apply_fn draws random numbers that reach the activations or the params: dropout, '
+  'stochastic depth or noise left on (a training-mode forward pass). The scales would be '
+  "those of one random thinned network, fixed by apply_fn's key. Give apply_fn the model "
+  'in eval mode: Linen deterministic=True (or train=False), NNX model.eval(). A fixed random '
+  'matrix: draw it outside apply_fn and close over the array.'
 )
 
 
@@ -316,7 +329,10 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   bodies = [b for key in _CALL_BODIES for b in _as_list(eqn.params.get(key))]
   is_call = bodies and name not in ('reduce_window', 'reduce', 'scan')
   if not any(k.dep for k in ops) and not is_call:
-    return [_Kind(value=v) for v in _folded(eqn, ops)]
+    random = name in _RANDOM_DRAWS or any(k.random for k in ops)
+    return [_Kind(value=v, random=random) for v in _folded(eqn, ops)]
+  if any(k.random for k in ops):
+    raise ValueError(_RANDOM_MESSAGE)
   if name == 'scan' and eqn.params['length'] == 0:  # no round: the carries as they came
     n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
     return ops[n_consts : n_consts + n_carry] + [_zeros_of(v) for v in eqn.outvars[n_carry:]]
