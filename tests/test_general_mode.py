@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import normalize_once
+from conftest import normalize_once, random_mlp
 from flax import nnx
 
 import optax_path
@@ -493,6 +493,62 @@ def test_dead_units_and_overflowing_scales_give_zero_not_nan():
   assert not any(bool(jnp.any(jnp.isnan(u))) for u in jax.tree.leaves(updates))
   np.testing.assert_allclose(updates['a'], [[1 / 9, 0.0]], rtol=1e-6)
   assert float(updates['c'][0, 0]) == 0.0 and float(updates['e'][0, 0]) == 0.0
+
+
+@pytest.mark.parametrize('net', ['dead unit', 'zero head'])
+def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
+  """jax.grad through one update (meta-learning a step, MAML) of a net with a dead hidden
+  unit (its incoming column and bias 0) or a zero-initialised head: the general mode gave
+  NaN in every kernel's gradient (log 0 = -inf with derivative 1/0). Expected: eq. 9's
+  scales, written out in float64 with 0 / 0 as 0 (a zero scale, a zero update)."""
+  names = ['Dense_0', 'Dense_1', 'Dense_2']
+  params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(0), [7, 6, 6, 5]))
+  if net == 'dead unit':
+    params['Dense_0'] = {k: v.at[..., 2].set(0.0) for k, v in params['Dense_0'].items()}
+  else:
+    params['Dense_2'] = {k: jnp.zeros_like(v) for k, v in params['Dense_2'].items()}
+  x = jax.random.normal(jax.random.key(1), (16, 7))
+  y = jnp.arange(16) % 5
+
+  def forward(q, x):
+    for name in names[:-1]:
+      x = jax.nn.relu(x @ q[name]['kernel'] + q[name]['bias'])
+    return x @ q[names[-1]]['kernel'] + q[names[-1]]['bias']
+
+  loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(forward(q, x), y).mean()
+
+  def eq9(grads, q):
+    squares = [(q[n]['kernel'] ** 2, q[n]['bias'] ** 2) for n in names]
+    gamma_in = [jnp.ones(7)]
+    for w, b in squares:
+      gamma_in.append(gamma_in[-1] @ w + b)
+    gamma_out = [jnp.ones(5)]
+    for w, _ in reversed(squares):
+      gamma_out.insert(0, w @ gamma_out[0])
+    divide = lambda g, s: jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
+    return {
+      n: {
+        'kernel': divide(grads[n]['kernel'], jnp.outer(gamma_in[l], gamma_out[l + 1])),
+        'bias': divide(grads[n]['bias'], gamma_out[l + 1]),
+      }
+      for l, n in enumerate(names)
+    }
+
+  def meta_loss(q, normalize):
+    updates = normalize(jax.grad(loss)(q), q)
+    return loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
+
+  def transformation(**mode):
+    tx = optax_path.path_normalize(**mode)
+    return lambda g, q: tx.update(g, tx.init(q), q)[0]
+
+  want = jax.grad(meta_loss)(params, eq9)
+  assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(want))
+  for mode in ({}, {'apply_fn': forward, 'input_shape': (7,)}):
+    got = jax.grad(meta_loss)(params, transformation(**mode))
+    leaves = zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want), strict=True)
+    for (path, a), b in leaves:
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow

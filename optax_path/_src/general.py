@@ -390,8 +390,11 @@ def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
   invalid = _invalid(p, floats)
   log_scales = []
   for g in grads:
-    # g = 0 -> -inf (no path: update 0); g = inf -> inf; g = nan (inf * 0) -> inf.
-    log_g = jnp.where(jnp.isnan(g), jnp.inf, (2 / p) * jnp.log(g))
+    # g = 0 -> -inf (no path: update 0); g = inf -> inf; g = nan (inf * 0) -> inf. The
+    # log of 1 in their place keeps 1/0 out of a gradient through the update.
+    positive = g > 0
+    log_g = jnp.where(positive, (2 / p) * jnp.log(jnp.where(positive, g, 1.0)), jnp.inf)
+    log_g = jnp.where(g == 0, -jnp.inf, log_g)
     log_scales.append(jnp.where(invalid, jnp.nan, jnp.where(trusted, log_g, jnp.inf)))
   return log_scales
 
