@@ -4,6 +4,7 @@ masked, MultiSteps, TrainState and nnx.Optimizer, each against the plain formula
 import gc
 import weakref
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,40 @@ def test_tree_get_count_finds_the_inner_optimizers_count(make, count):
   found = optax.tree_utils.tree_get(state, 'count')
   assert (None if found is None else int(found)) == count
   assert int(optax.tree_utils.tree_get(state, 'refresh_count')) == 3
+
+
+@pytest.mark.parametrize(
+  'make, fields',
+  [
+    (lambda **m: optax_path.path_sgd(0.1, momentum=0.9, **m), ('trace',)),
+    (lambda **m: optax_path.path_adam(1e-3, **m), ('mu', 'nu')),
+    (lambda **m: optax.chain(optax_path.path_normalize(**m), optax.adam(1e-3)), ('mu', 'nu')),
+    (lambda **m: optax_path.path_geometry(optax.adagrad(0.1), **m), ('sum_of_squares',)),
+  ],
+)
+def test_tree_map_params_maps_the_params_shaped_parts_of_the_state(make, fields):
+  """optax.tree_utils.tree_map_params (casting or sharding what is shaped like the params)
+  calls init with a placeholder: init raised 'params holds no dense layer ... found: no
+  leaves'. Expected: the inner optimizer's params-shaped fields mapped, as optax maps
+  them, and the per-unit log gammas (not params-shaped) left to transform_non_params."""
+  params = PARAMS
+  general = {'apply_fn': lambda q, x: MODEL.apply({'params': q}, x), 'input_shape': (4,)}
+  for mode in ({}, general):
+    tx = make(**mode)
+    state = tx.update(params, tx.init(params), params)[1]
+    cast = optax.tree_utils.tree_map_params(tx, lambda a: a.astype(jnp.bfloat16), state)
+    for field in fields:
+      want = jax.tree.map(lambda a: a.astype(jnp.bfloat16), optax.tree_utils.tree_get(state, field))
+      chex.assert_trees_all_equal(optax.tree_utils.tree_get(cast, field), want)
+    if not mode:  # the MLP mode's per-unit state: untouched
+      for field in ('log_gamma_in', 'log_gamma_out', 'refresh_count'):
+        chex.assert_trees_all_equal(
+          optax.tree_utils.tree_get(cast, field), optax.tree_utils.tree_get(state, field)
+        )
+    specs = optax.tree_utils.tree_map_params(
+      tx, lambda _: 'params', state, transform_non_params=lambda _: None
+    )
+    assert jax.tree.leaves(specs) == ['params'] * len(fields) * len(jax.tree.leaves(params))
 
 
 def test_path_geometry_with_an_inner_that_reads_params_says_why():

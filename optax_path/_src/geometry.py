@@ -102,7 +102,8 @@ def _path_geometry(inner, p, layers, apply_fn, input_shape, eager_config, eager_
   def init_fn(params):
     if apply_fn is None:
       return PathGeometryState(inner.init(params), scale_state.init_state(params, layers))
-    general.check_network(params, apply_fn, input_shape)  # out of scope: refused at init
+    if not scale_state.is_placeholder(params):  # out of scope: refused at init
+      general.check_network(params, apply_fn, input_shape)
     return PathGeometryState(inner.init(params), optax.EmptyState())
 
   def log_scale_leaves(params, scales):

@@ -7,6 +7,7 @@ with ``refresh_every > 1``, stand in for the scales between refreshes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +55,14 @@ def check_refresh_every(refresh_every: Any, apply_fn) -> int | jax.Array:
   return value
 
 
+def is_placeholder(params: Any) -> bool:
+  """Whether ``params`` is a pytree node without leaves that is no container: what
+  ``optax.tree_utils.tree_map_params`` passes to ``init`` to find the params-shaped
+  parts of a state. ``init`` then returns a state of the same fields, without shapes."""
+  containers = (Mapping, list, tuple, type(None))
+  return not isinstance(params, containers) and not jax.tree.leaves(params)
+
+
 def init_state(params: Any, layers) -> PathNormalizeState:
   """The state for ``params``: their layers' widths, with no scale known yet.
 
@@ -65,6 +74,8 @@ def init_state(params: Any, layers) -> PathNormalizeState:
   ``log gamma`` vectors hold zeros, finite, so that ``jax_debug_infs``, ``checkify`` and
   gradients through the first update see no inf or NaN).
   """
+  if is_placeholder(params):  # per-unit vectors, not params-shaped: each field one leaf
+    return PathNormalizeState(jnp.zeros([], jnp.int32), jnp.zeros([]), jnp.zeros([]))
   kernels, _ = scales_lib.layer_arrays(params, layers)  # finds the layers: errors at init
   dtype = numerics.compute_dtype(jnp.result_type(*kernels))
   widths = [kernels[0].shape[0]] + [w.shape[1] for w in kernels]

@@ -261,7 +261,8 @@ def path_normalize(
 
 def _general_path_normalize(p, apply_fn, input_shape) -> optax.GradientTransformation:
   def init_fn(params):
-    general.check_network(params, apply_fn, input_shape)
+    if not scale_state.is_placeholder(params):
+      general.check_network(params, apply_fn, input_shape)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
