@@ -4,6 +4,7 @@ The fast path must be taken where it should be (not only give right results thro
 its fallback), so these tests look at the internal check as well as at the results.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +144,39 @@ def test_dead_units_keep_the_warm_passes_and_get_zero_updates(x64, revived):
   expected = jax.tree.map(lambda s: jnp.where(s > 0, 1 / s, 0.0), optax_path.path_scales(params))
   for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
     np.testing.assert_allclose(u, e, rtol=1e-12)
+
+
+@pytest.mark.parametrize('refresh_every', [1, 2])
+def test_a_dead_unit_leaves_the_state_finite(refresh_every):
+  """A dead unit's log gamma of -inf was kept in the state: a jitted step under
+  jax_debug_infs raised, and optax.lookahead(reset_state=True), which mixes the state
+  with the initial one, made it NaN. Now the state is finite, and the steps are those
+  without the reset (the scales never depend on the warm start)."""
+  params = jax.tree.map(
+    jnp.asarray, random_mlp(np.random.default_rng(2), [3, 4, 4, 2], dtype=np.float32)
+  )
+  params['Dense_0'] = {k: v.at[..., 1].set(0.0) for k, v in params['Dense_0'].items()}
+  params['Dense_2']['kernel'] = params['Dense_2']['kernel'].at[2, :].set(0.0)  # gamma_out 0
+  grads = jax.tree.map(jnp.ones_like, params)
+  expected = jax.tree.map(lambda s: jnp.where(s > 0, 1 / s, 0.0), optax_path.path_scales(params))
+  tx = optax_path.path_normalize(refresh_every=refresh_every)
+  update, state = jax.jit(tx.update), tx.init(params)
+  with jax.debug_infs(True):
+    for _ in range(3):
+      updates, state = update(grads, state, params)
+      assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state))
+      chex.assert_trees_all_close(updates, expected, rtol=1e-5)
+  trajectories = []
+  for reset in (False, True):
+    tx = optax.lookahead(optax_path.path_sgd(0.1, refresh_every=refresh_every), 2, 0.5, reset)
+    update, q = jax.jit(tx.update), optax.LookaheadParams.init_synced(params)
+    state = tx.init(q)
+    for _ in range(5):
+      updates, state = update(jax.tree.map(lambda g: 0.01 * g, grads), state, q)
+      q = optax.apply_updates(q, updates)
+      assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state))
+    trajectories.append(q)
+  chex.assert_trees_all_close(*trajectories, rtol=1e-5)
 
 
 def test_refresh_every_divides_by_the_scales_of_the_last_refresh(x64):

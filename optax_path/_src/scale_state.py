@@ -28,7 +28,10 @@ class PathNormalizeState(NamedTuple):
       inner optimizer's step count in a chain.
     log_gamma_in: per layer boundary (input, each layer's outputs), ``log gamma_in``
       of its units (Algorithm 1), as of the last refresh; zeros, not yet known, while
-      ``refresh_count`` is 0 (after ``init``).
+      ``refresh_count`` is 0 (after ``init``). A dead unit's ``log 0`` is held as the
+      most negative finite value of the dtype, so that the state stays finite (for
+      ``jax_debug_infs``, ``checkify``, and Optax wrappers that mix states, such as
+      ``optax.lookahead(reset_state=True)``).
     log_gamma_out: the same for ``log gamma_out``.
   """
 
@@ -92,22 +95,34 @@ def refresh(params: Any, p, layers, state: PathNormalizeState, refresh_every):
   """
   kernels, biases = scales_lib.layer_arrays(params, layers)
 
+  held_in, held_out = _read(state.log_gamma_in), _read(state.log_gamma_out)
+
   def refreshed():
     known = state.refresh_count > 0
-    log_in, log_out = _refreshed_log_gammas(
-      kernels, biases, state.log_gamma_in, state.log_gamma_out, known, p=p
-    )
+    log_in, log_out = _refreshed_log_gammas(kernels, biases, held_in, held_out, known, p=p)
     return tuple(log_in), tuple(log_out)
 
   def kept():
-    return state.log_gamma_in, state.log_gamma_out
+    return held_in, held_out
 
   if isinstance(refresh_every, int) and refresh_every == 1:
     gammas = refreshed()
   else:
     gammas = jax.lax.cond(state.refresh_count % refresh_every == 0, refreshed, kept)
   gammas = tuple(tuple(numerics.replicated_on_mesh_of(v, kernels) for v in g) for g in gammas)
-  return gammas, PathNormalizeState(optax.safe_int32_increment(state.refresh_count), *gammas)
+  stored = (_stored(g) for g in gammas)
+  return gammas, PathNormalizeState(optax.safe_int32_increment(state.refresh_count), *stored)
+
+
+def _stored(log_gammas: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """``log_gammas`` with ``-inf`` (a dead unit) as the dtype's most negative value."""
+  return tuple(jnp.where(v == -jnp.inf, jnp.finfo(v.dtype).min, v) for v in log_gammas)
+
+
+def _read(log_gammas: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """The inverse of ``_stored``: no ``log gamma`` is that low (``log`` of the
+  smallest positive float is about ``-745``)."""
+  return tuple(jnp.where(v == jnp.finfo(v.dtype).min, -jnp.inf, v) for v in log_gammas)
 
 
 _refreshed_log_gammas = scales_lib.compiled_for_concrete_p(warm_scales.refreshed_log_gammas)
