@@ -604,6 +604,59 @@ def test_errors():
     optax_path.path_scales(params, apply_fn=apply_fn, input_shape=4)
 
 
+def test_errors_name_the_cause_a_breaker_met():
+  """apply_fn failures and refusals that blamed input_shape or 'a normalisation layer':
+  an NNX module in training mode (it updates its batch statistics or RNG counter), the
+  Linen variables dict with batch_stats given as params, an nn.Embed fed floats."""
+
+  class Train(nnx.Module):
+    def __init__(self, rngs):
+      self.dense, self.norm = nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.norm(self.dense(x))))
+
+  model = Train(nnx.Rngs(0))
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  in_training = lambda s, x: nnx.merge(graphdef, s, rest)(x)
+  with pytest.raises(ValueError, match=r'a module in training mode.*m.eval\(\)'):
+    optax_path.path_scales(state, apply_fn=in_training, input_shape=(3,))
+  copy = nnx.clone(model)
+  copy.eval()  # what the message says to do
+  graphdef, state, rest = nnx.split(copy, nnx.Param, ...)
+  optax_path.path_scales(
+    state, apply_fn=lambda s, x: nnx.merge(graphdef, s, rest)(x), input_shape=(3,)
+  )
+
+  class Normed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))))
+
+  variables = Normed().init(jax.random.key(0), jnp.ones((1, 3)))
+  with pytest.raises(
+    ValueError,
+    match=r'rsqrt to values of batch_stats/BatchNorm_0/var alone.*'
+    r"only the 'params' collection",
+  ):
+    optax_path.path_scales(variables, apply_fn=Normed().apply, input_shape=(3,))
+  stats = variables['batch_stats']
+  apply_fn = lambda q, x: Normed().apply({'params': q, 'batch_stats': stats}, x)
+  optax_path.path_scales(variables['params'], apply_fn=apply_fn, input_shape=(3,))
+
+  class Embedded(nn.Module):
+    @nn.compact
+    def __call__(self, t):
+      return nn.Dense(2)(nn.relu(nn.Embed(5, 3)(t)).reshape(t.shape[0], -1))
+
+  params = Embedded().init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))['params']
+  with pytest.raises(ValueError, match=r'such as the token ids of an embedding.*after the'):
+    optax_path.path_scales(
+      params, apply_fn=lambda q, x: Embedded().apply({'params': q}, x), input_shape=(2,)
+    )
+
+
 def test_general_mode_surfaces_non_finite_params_and_an_invalid_traced_p():
   """A NaN weight or an injected p out of [0.5, 32] gives NaN updates and path norm, so
   NaN checks see them; a valid injected p gives the updates of the concrete one."""

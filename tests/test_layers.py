@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -162,7 +163,9 @@ def test_normalisation_leaves_say_the_network_is_outside_path_sgd(norm):
     @nn.compact
     def __call__(self, x):
       h = nn.Dense(4)(x)
-      h = nn.BatchNorm(use_running_average=True)(h) if norm == 'BatchNorm' else getattr(nn, norm)()(h)
+      h = (
+        nn.BatchNorm(use_running_average=True)(h) if norm == 'BatchNorm' else getattr(nn, norm)()(h)
+      )
       return nn.Dense(2)(nn.relu(h))
 
   params = Net().init(jax.random.key(0), jnp.ones((1, 3)))['params']
@@ -174,7 +177,7 @@ def test_normalisation_leaves_say_the_network_is_outside_path_sgd(norm):
   assert "outside Path-SGD's rescaling argument" in message
   assert 'rescaling one unit' in message and 'changes the function' in message
   assert 'trained by the other optimizer' in message
-  assert "invariance no longer holds for the whole network" in message
+  assert 'invariance no longer holds for the whole network' in message
   assert 'optax.masked' in message and 'optax.partition' in message
   # masking them, as the message describes, runs
   mask = {name: jax.tree.map(lambda _: 'Norm' not in name, layer) for name, layer in params.items()}
@@ -231,6 +234,27 @@ def test_bias_of_wrong_shape():
 def test_no_dense_layer():
   with pytest.raises(ValueError, match=re.escape('no dense layer') + '.*w \\(3,\\)'):
     optax_path.path_scales({'w': jnp.ones(3)})
+
+
+def test_a_flat_vector_and_a_stacked_ensemble_get_their_fix():
+  """optax.flatten(path_sgd) and ensemble params (jax.vmap(model.init)) given without
+  vmap: the messages did not say what to do. The fixes they give work."""
+  params = chain_params([3, 4, 2])
+  with pytest.raises(ValueError, match=r'<root> \(26,\).*put path_normalize outside'):
+    optax.flatten(optax_path.path_sgd(0.1)).init(params)
+  outside = optax.chain(optax_path.path_normalize(), optax.flatten(optax.sgd(0.1)))
+  updates, _ = outside.update(params, outside.init(params), params)
+  want = jax.tree.map(lambda g, s: -0.1 * g / s, params, optax_path.path_scales(params))
+  chex.assert_trees_all_close(updates, want, rtol=1e-5)
+
+  stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+  tx = optax_path.path_sgd(0.1)
+  with pytest.raises(ValueError, match=r'\(2, 3, 4\).*jax.vmap\(tx.init\) and jax.vmap'):
+    tx.init(stacked)
+  updates, _ = jax.vmap(tx.update)(stacked, jax.vmap(tx.init)(stacked), stacked)
+  second = jax.tree.map(lambda a: a[1], stacked)
+  want = jax.tree.map(lambda g, s: -0.1 * g / s, second, optax_path.path_scales(second))
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[1], updates), want, rtol=1e-5)
 
 
 def test_updates_with_another_structure():

@@ -232,23 +232,45 @@ def _apply_fn_error(named_leaves, input_shape, error: Exception) -> ValueError:
       'general mode evaluates apply_fn on the params it is given: mask only leaves that '
       'the forward pass does not use, or apply path_normalize to the whole params tree.'
     )
-  hint = ''
-  if type(error).__name__ == 'ScopeCollectionNotFound':  # model.apply given
-    hint = (
-      "apply_fn takes the params tree itself, not Flax's variables: for a Linen module, "
-      "apply_fn=lambda q, x: model.apply({'params': q}, x). "
-    )
-  elif 'divisible' in str(error):  # a shard_map or sharding over the batch axis
-    hint = (
-      'A batch of one cannot be split over devices: give path_normalize the apply_fn '
-      'without the data-parallel shard_map or batch sharding (the scales do not depend '
-      'on the batch). '
-    )
   return ValueError(
     f'apply_fn failed on an all-ones input of shape {(1, *input_shape)}: a batch of one '
-    f'input of input_shape={input_shape}. {hint}Check that input_shape is the shape of '
-    f'one input without the batch axis, and that apply_fn(params, x) runs on it. '
+    f'input of input_shape={input_shape}. {_apply_fn_hint(error)} '
     f'{type(error).__name__}: {error}'
+  )
+
+
+def _apply_fn_hint(error: Exception) -> str:
+  """What to do about an ``apply_fn`` that fails on the all-ones batch of one."""
+  kind, text = type(error).__name__, str(error)
+  if kind == 'ScopeCollectionNotFound':  # model.apply given
+    return (
+      "apply_fn takes the params tree itself, not Flax's variables: for a Linen module, "
+      "apply_fn=lambda q, x: model.apply({'params': q}, x)."
+    )
+  if kind == 'TraceContextError':  # an NNX module updating its state: training mode
+    return (
+      'apply_fn updates NNX state (BatchNorm batch statistics, a Dropout RNG counter): '
+      'a module in training mode. The scales are those of the network in eval mode: '
+      'build apply_fn from an eval-mode copy (m = nnx.clone(model); m.eval(); graphdef, '
+      '_, rest = nnx.split(m, nnx.Param, ...)).'
+    )
+  if 'divisible' in text:  # a shard_map or sharding over the batch axis
+    return (
+      'A batch of one cannot be split over devices: give path_normalize the apply_fn '
+      'without the data-parallel shard_map or batch sharding (the scales do not depend '
+      'on the batch).'
+    )
+  if 'integer' in text.lower():  # nn.Embed: token ids
+    return (
+      'The general mode feeds apply_fn floats (all ones); it seems to want integers, '
+      'such as the token ids of an embedding. An embedding lookup is no layer of a ReLU '
+      "network's paths: give path_normalize the network after the embedding (an "
+      'apply_fn that takes the embedded vectors) and train the table with another '
+      'transformation (optax.partition).'
+    )
+  return (
+    'Check that input_shape is the shape of one input without the batch axis, and that '
+    'apply_fn(params, x) runs on it.'
   )
 
 

@@ -215,7 +215,9 @@ def _check_layer(path: KeyPath, children: dict[str, int], named_leaves) -> Dense
       "model.apply({'params': q}, x), input_shape=(28, 28, 1)) (path_normalize, "
       'path_adam, path_scales and path_norm take apply_fn= and input_shape= too). (Routing '
       'the conv leaves elsewhere with optax.partition or optax.masked would give the dense '
-      'layers the scales of another network, one without the convolutions.)'
+      'layers the scales of another network, one without the convolutions.) If the first '
+      'axis stacks copies of one net (an ensemble from jax.vmap(model.init)), map over it: '
+      'jax.vmap(tx.init) and jax.vmap(tx.update).'
     )
   _check_float_leaf(path + ('kernel',), kernel)
   if 0 in kernel.shape:
@@ -469,10 +471,18 @@ def find_layers(params: Any, layers: Any = None) -> list[DenseLayer]:
   elif masked:
     raise _masked_layer_error(masked[0], listed=False)
   if not live:
+    flat = len(named_leaves) == 1 and getattr(named_leaves[0][1], 'ndim', None) == 1
     raise ValueError(
       'params holds no dense layer (a node with a 2-D "kernel" leaf); found: '
       + ('; '.join(_describe(p, leaf) for p, leaf in named_leaves) or 'no leaves')
       + '.'
+      + (
+        ' A flat vector (optax.flatten ravels the params for the transformation inside '
+        'it) has no layers: put path_normalize outside, optax.chain(path_normalize(), '
+        'optax.flatten(...)).'
+        if flat
+        else ''
+      )
     )
   chain_paths = list(specs) if specs is not None else live
   _check_coverage(set(chain_paths), named_leaves)

@@ -528,6 +528,8 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     if joined.gate:
       refuse('a step function of the activations used as a value')
     return joined
+  if name in _ROOTS | {'div'} and ops[-1].of_params:  # rsqrt(var + eps), h / sqrt(var)
+    _refuse_statistics(name, ops[-1])
   if name == 'div':
     if ops[1].dep:
       refuse(
@@ -1066,6 +1068,20 @@ def _refuse_of_params(name: str, what: str, kinds: Sequence[_Kind]) -> None:
     "non-negative kernel, apply it to that leaf after each step (params['w'] = "
     "optax.projections.projection_non_negative(params['w']) after optax.apply_updates) "
     'rather than relu(w) inside apply_fn.'
+  )
+
+
+def _refuse_statistics(name: str, kind: _Kind) -> None:
+  names = _PARAM_NAMES.get()
+  which = ', '.join(names[i] for i in sorted(kind.params)) if names and kind.params else None
+  raise ValueError(
+    f'apply_fn applies {name} to values of {which or "the parameters"} alone: the variance '
+    "of a normalisation, or weight normalisation. If these are BatchNorm's running "
+    'statistics (use_running_average=True: a fixed affine map, in scope), they are not '
+    "parameters: give path_normalize only the 'params' collection and close over "
+    "'batch_stats' in apply_fn (lambda q, x: model.apply({'params': q, 'batch_stats': "
+    'stats}, x)). Weight normalisation is out of scope: the weights of its paths are no '
+    'parameters of their own.'
   )
 
 
