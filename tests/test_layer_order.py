@@ -463,6 +463,43 @@ def test_layer_order_refuses_a_kernel_applied_twice(model):
     optax_path.layer_order(params, apply_fn=linen_apply(model), input_shape=(3,))
 
 
+def test_layer_order_refuses_kernels_stored_out_in():
+  """A square kernel applied as x @ W.T (the PyTorch layout, an Einsum 'bi,oi->bo') was
+  ordered without a word, and the MLP mode read it as (in, out): Einsum_1's scales were
+  off by up to 3.4x (the general mode's are right). The same kernels contracted over
+  their first axis, however written, are ordered."""
+  rng = np.random.default_rng(0)
+  params = {f'Dense_{l}': {'kernel': jnp.asarray(rng.normal(size=(4, 4)))} for l in range(3)}
+  relu = jax.nn.relu
+  k = lambda q, l: q[f'Dense_{l}']['kernel']
+  refused = {
+    'x @ W.T': lambda q, x: relu(relu(x @ k(q, 0)) @ k(q, 1).T) @ k(q, 2),
+    "einsum 'bi,oi->bo'": lambda q, x: jnp.einsum(
+      'bi,oi->bo', relu(x @ k(q, 0)) @ k(q, 1), k(q, 2)
+    ),
+    'jit, cast': lambda q, x: jax.jit(lambda h, w: h @ w.astype(h.dtype).T)(
+      relu(x @ k(q, 0)) @ k(q, 1), k(q, 2)
+    ),
+  }
+  for net in refused.values():
+    with pytest.raises(
+      ValueError, match=r'kernels of Dense_[12] over their second axis.*\(out, in\)'
+    ):
+      optax_path.layer_order(params, apply_fn=net, input_shape=(4,))
+  moved = optax_path.path_scales(params, apply_fn=refused['x @ W.T'], input_shape=(4,))['Dense_1']
+  assert not np.allclose(moved['kernel'], optax_path.path_scales(params)['Dense_1']['kernel'])
+  accepted = {
+    "einsum 'io,bi->bo'": lambda q, x: jnp.einsum(
+      'io,bi->bo', k(q, 2), relu(relu(x @ k(q, 0)) @ k(q, 1))
+    ),
+    'W.T.T': lambda q, x: relu(relu(x @ k(q, 0)) @ k(q, 1).T.T) @ k(q, 2),
+    '(W.T @ h.T).T': lambda q, x: (k(q, 2).T @ relu(relu(x @ k(q, 0)) @ k(q, 1)).T).T,
+  }
+  for net in accepted.values():
+    order = optax_path.layer_order(params, apply_fn=net, input_shape=(4,))
+    assert order == ['Dense_0', 'Dense_1', 'Dense_2']
+
+
 def test_layer_order_refuses_stacked_kernels():
   params = {'Dense_0': {'kernel': jnp.ones((3, 3))}, 'ScanCell_0': {'kernel': jnp.ones((2, 3, 3))}}
   apply_fn = lambda q, x: x @ q['Dense_0']['kernel'] @ q['ScanCell_0']['kernel'][0]

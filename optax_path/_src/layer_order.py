@@ -43,11 +43,13 @@ class _Trace:
   product (``uses``) and the frontier of its other operand (``feeds``); and the leaves
   that flow into loops or branches it cannot see into (``opaque``)."""
 
-  def __init__(self, sources: dict, frontier: dict, kernels):
+  def __init__(self, sources: dict, frontier: dict, kernels, axes: dict | None = None):
     self.sources, self.frontier, self.kernels = sources, frontier, kernels
+    self.axes = {} if axes is None else axes  # a kernel, cast or transposed: its axes
     self.uses: list[int] = []
     self.feeds: list[frozenset] = []
     self.opaque: set[int] = set()
+    self.transposed: set[int] = set()  # kernels contracted on their out axis (x @ W.T)
 
   def read(self, table: dict, atom) -> frozenset:
     return table.get(atom, frozenset()) if isinstance(atom, jex_core.Var) else frozenset()
@@ -62,12 +64,19 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
     if inner is not None:
       trace.sources.update(zip(inner.invars, inputs))
       trace.frontier.update(zip(inner.invars, fronts))
+      trace.axes.update(
+        (i, trace.axes[v]) for i, v in zip(inner.invars, eqn.invars) if trace.read(trace.axes, v)
+      )
       _walk(inner, trace)
+      trace.axes.update(
+        (v, trace.axes[i]) for v, i in zip(eqn.outvars, inner.outvars) if trace.read(trace.axes, i)
+      )
       outputs = [trace.read(trace.sources, v) for v in inner.outvars]
       out_fronts = [trace.read(trace.frontier, v) for v in inner.outvars]
     else:
       union = frozenset().union(*inputs)
       front = frozenset().union(*fronts)
+      _follow_axes(eqn, trace)
       if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
         weights = [next(iter(d)) for d in inputs if len(d) == 1 and _INPUT not in d]
         data = [f for d, f in zip(inputs, fronts) if not (len(d) == 1 and _INPUT not in d)]
@@ -86,6 +95,21 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
     trace.sources.update(zip(eqn.outvars, outputs))
     trace.frontier.update(zip(eqn.outvars, out_fronts))
   return [trace.read(trace.frontier, v) for v in jaxpr.outvars]
+
+
+def _follow_axes(eqn, trace: _Trace) -> None:
+  """Which axes of a kernel a cast or transposed copy has, and whether a matrix product
+  contracts a kernel over its output axis (``x @ W.T``, an Einsum ``'bi,oi->bo'``)."""
+  name, axes = eqn.primitive.name, [trace.read(trace.axes, v) or None for v in eqn.invars]
+  if name in ('convert_element_type', 'copy', 'copy_p') and axes[0] is not None:
+    trace.axes[eqn.outvars[0]] = axes[0]
+  elif name == 'transpose' and axes[0] is not None:
+    trace.axes[eqn.outvars[0]] = tuple(axes[0][i] for i in eqn.params['permutation'])
+  elif name == 'dot_general':
+    contracting = eqn.params['dimension_numbers'][0]
+    for operand, dims, kept in zip(eqn.invars, contracting, axes):
+      if kept is not None and {kept[d] for d in dims} == {1}:
+        trace.transposed |= trace.read(trace.sources, operand)
 
 
 def _kernels_in_bodies(eqn, inputs: list[frozenset], kernels: set[int]) -> set[int]:
@@ -192,7 +216,8 @@ def layer_order(
     ) from error
   sources = {v: frozenset([i]) for v, i in zip(jaxpr.invars, arrays)}
   sources[jaxpr.invars[-1]] = frozenset([_INPUT])
-  trace = _Trace(sources, {jaxpr.invars[-1]: frozenset([_INPUT])}, set(kernels))
+  axes = {jaxpr.invars[arrays.index(i)]: (0, 1) for i in kernels}
+  trace = _Trace(sources, {jaxpr.invars[-1]: frozenset([_INPUT])}, set(kernels), axes)
   output = frozenset().union(*_walk(jaxpr, trace))
   uses, opaque = trace.uses, trace.opaque
   name = lambda i: layers_lib.format_path(kernels[i])
@@ -212,6 +237,15 @@ def layer_order(
       'the MLP mode needs. Use the general mode (apply_fn=, input_shape=), which counts '
       'every path through shared weights.'
     )
+  transposed = [name(i) for i in kernels if i in trace.transposed]
+  if transposed:
+    raise ValueError(
+      f'apply_fn contracts the kernels of {", ".join(transposed)} over their second axis '
+      "(x @ W.T, an Einsum 'bi,oi->bo'): they are stored (out, in), the PyTorch layout. The "
+      'MLP mode reads every kernel as (in, out), the Flax layout, so it would compute the '
+      'scales of another network: store the transposes, or use the general mode '
+      '(apply_fn=, input_shape=), which follows the products as apply_fn computes them.'
+    )
   order = [i for i in uses if i in kernels]
   missing = [name(i) for i in kernels if i not in order]
   if missing:
@@ -220,6 +254,7 @@ def layer_order(
       'trace of apply_fn (unused, or applied inside a loop such as nn.scan): list the '
       'layers from input to output by hand with layers=.'
     )
+
   def describe(i):
     return name(i) if i in kernels else f'{layers_lib.format_path(named_leaves[i][0])} (no kernel)'
 
@@ -247,4 +282,3 @@ def _not_a_chain(what: str, front: frozenset, name) -> None:
     'sees only a chain, so its path scales would be those of another network: use the general '
     'mode (apply_fn=, input_shape=), which counts every path of this one.'
   )
-
