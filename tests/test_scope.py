@@ -1417,6 +1417,36 @@ def test_a_leaf_cut_off_by_a_constant_the_check_cannot_read_is_refused():
   assert_same_scales(params, ones, reference)
 
 
+def test_a_fixed_mask_of_minus_inf_before_a_max_is_no_unit():
+  """jnp.max(h, where=mask, initial=0) (a masked global max pool, as over padded sets)
+  puts -inf where the mask is off, and was refused as 'a constant other than 0 chosen in
+  place of activations', though jnp.where(mask, h, 0).max() was accepted. Expected: the
+  scales of the latter. An empty row's -inf must still be set to 0 before it is used."""
+  relu = jax.nn.relu
+  params = {'w1': THREE['w1'], 'w2': THREE['w3'][:2]}
+  mask = jnp.array([[True, False], [True, True]])
+  empty = jnp.array([[False, False], [True, True]])
+
+  def pooled(pool):
+    return lambda q, x: pool(relu(x @ q['w1']).reshape(-1, 2, 2)) @ q['w2']
+
+  reference = pooled(lambda h: jnp.where(mask, h, 0.0).max(2))
+  for pool in (
+    lambda h: jnp.where(mask, h, -jnp.inf).max(2),
+    lambda h: jnp.max(h, axis=2, where=mask, initial=0.0),
+    lambda h: -jnp.where(mask, -h, jnp.inf).min(2),
+  ):
+    assert_same_scales(params, pooled(pool), reference)
+  guarded = pooled(lambda h: jnp.maximum(jnp.where(empty, h, -jnp.inf).max(2), 0.0))
+  assert_same_scales(params, guarded, pooled(lambda h: jnp.where(empty, h, 0.0).max(2)))
+  for pool in (
+    lambda h: jnp.where(empty, h, -jnp.inf).max(2),  # -inf @ w2
+    lambda h: jnp.where(mask, h, -jnp.inf).sum(2),
+  ):
+    with pytest.raises(ValueError, match='inf'):
+      optax_path.path_scales(params, apply_fn=pooled(pool), input_shape=(3,))
+
+
 def test_random_draws_in_apply_fn_are_refused():
   """Dropout left on in apply_fn (Linen deterministic=False, NNX Rngs made in the call)
   was accepted: the scales were those of one thinned network (18 of 24 first-layer

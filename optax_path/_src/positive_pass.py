@@ -235,6 +235,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'window_sum' if _is_max_computation(body) else _nested_rule(eqn, dependent, soft)
   if name == 'pad':
     return 'pad_finite' if dependent[0] and not dependent[1] else None
+  if name == 'select_n' and not dependent[0] and not all(dependent[1:]):
+    return 'select_finite'  # a fixed mask's -inf in place of units (scope: 0 or +-inf)
   if name == 'scatter-mul' and dependent == [True, False, False]:
     return 'scatter_scale'  # h.at[i].multiply(c)
   if name == 'scatter-sub' and (dependent[0] or dependent[2]):
@@ -466,6 +468,10 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     names = ('window_dimensions', 'window_strides', 'padding', 'base_dilation', 'window_dilation')
     window = {k: params[k] for k in names}
     return [lax.reduce_window_sum_p.bind(values[0], **window)]
+  if rule == 'select_finite':
+    predicate, *cases = values
+    cases = [_no_unit_if_infinite(v) if not f else v for v, f in zip(cases, flags[1:])]
+    return [lax.select_n(predicate, *cases)]
   if rule == 'pad_finite':
     value = _no_unit_if_infinite(jnp.asarray(values[1], jnp.result_type(values[0])))
     return [lax.pad(values[0], value, params['padding_config'])]

@@ -478,7 +478,9 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
       return _Kind(
         dep=True, inp=predicate.inp, gate=True, source=sources.pop() if len(sources) == 1 else None
       )
-    if any(k.gate for k in cases) or not all(k.dep or _known(k, _zero) for k in cases):
+    # A fixed mask may put -inf (no unit) in place of units before a max: tracked.
+    no_unit = _zero_or_infinite if predicate.value is not None else _zero
+    if any(k.gate for k in cases) or not all(k.dep or _known(k, no_unit) for k in cases):
       refuse(
         'a constant other than 0 chosen in place of activations (a clip, or a mask such as -1e9)'
       )
@@ -587,7 +589,7 @@ _PASSED_ON = (
 
 
 _MAY_CREATE_INFINITIES = frozenset(
-  {'pad', 'gather', 'reduce_window', 'reduce_window_max', 'reduce_window_min'}
+  {'pad', 'gather', 'select_n', 'reduce_window', 'reduce_window_max', 'reduce_window_min'}
   | positive_pass.SCATTER_MAXIMA
 )
 
@@ -666,6 +668,9 @@ def _infinities_of(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> tuple
     if name == 'select_n':  # a choice known here (where(counts > 0, s, 0)): case by case
       if ops[0].dep or ops[0].value is None:
         return infinities, None
+      for k in ops[1:]:  # a fixed mask's -inf (jnp.max(h, where=mask))
+        value = np.asarray(k.value if not k.dep else 0.0, float)
+        infinities |= set(np.unique(value[np.isinf(value)]).tolist())
       return infinities, np.asarray(jax.lax.select_n(ops[0].value, *masks[1:]))
     if name in positive_pass.SCATTER_MAXIMA:
       if ops[1].value is None:
@@ -751,8 +756,8 @@ def _infinite(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
   _refuse(
     name,
     f'a value that is {signs} where a segment_max or segment_min pools no member (a graph '
-    'node without neighbours; also a max pool of padding alone, a -inf pad), or a test of '
-    'one: on the pass such a node is no unit, so the '
+    'node without neighbours; also a max pool of padding alone, a -inf pad, a fixed mask '
+    'of -inf), or a test of one: on the pass such a node is no unit, so the '
     'pass would count paths that the network does not have. Set those entries to 0 first, '
     'with jnp.maximum(s, 0), jnp.where(jnp.isfinite(s), s, 0) or jnp.nan_to_num(s, '
     'neginf=0), or pool into zeros: jnp.zeros(...).at[ids].max(h)',
