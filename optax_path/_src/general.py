@@ -29,8 +29,9 @@ activations (GELU, tanh, sigmoid, swish), softmax or attention inside the networ
 products of activations, clips such as ``relu6``, branches chosen by the input
 (``lax.cond(jnp.sum(h) > 0, ...)``) or by the parameters' values (``jnp.where(a > 0, h,
 0)``, a kernel ``relu(w)``: the pass sees ``|theta|^p``, so it would take another branch),
-and leaves on no path of the pass (PReLU's learnable slope, like a leaf that ``apply_fn``
-does not use). Run ``apply_fn`` deterministically (no dropout).
+leaves on no path of the pass (PReLU's learnable slope, like a leaf that ``apply_fn``
+does not use), and random numbers drawn in ``apply_fn`` (dropout left on: give it the
+model in eval mode).
 
 Fixed linear maps. The weights of maps that are not parameters enter the pass as their
 absolute values, not to the power ``p``: an average pool over ``k`` inputs weighs its
@@ -40,7 +41,8 @@ paths by ``1/k`` rather than ``(1/k)^p``, an input normalisation ``(x - m) / s``
 For other ``p`` it is the path regulariser of the same graph with those fixed weights
 counted once; it is still invariant to every rescaling, and so is Path-SGD with it. To
 count them to the power ``p``, give an ``apply_fn`` that multiplies each average pool
-by ``k^(1-p)``.
+by ``k^(1-p)``. A frozen layer that ``apply_fn`` closes over is such a map too: for
+the whole network's scales, pass every leaf and freeze after ``path_normalize``.
 
 Max pooling counts every path. A max pool passes on one member of its window, so the
 pass would follow the argmax of the all-ones input, and a weight used only by losing
