@@ -1437,8 +1437,13 @@ def test_a_fixed_mask_of_minus_inf_before_a_max_is_no_unit():
     lambda h: -jnp.where(mask, -h, jnp.inf).min(2),
   ):
     assert_same_scales(params, pooled(pool), reference)
-  guarded = pooled(lambda h: jnp.maximum(jnp.where(empty, h, -jnp.inf).max(2), 0.0))
-  assert_same_scales(params, guarded, pooled(lambda h: jnp.where(empty, h, 0.0).max(2)))
+  for guard in (
+    lambda s: jnp.maximum(s, 0.0),
+    lambda s: jnp.where(jnp.isfinite(s), s, 0.0),
+    lambda s: jnp.nan_to_num(s, neginf=0.0),
+  ):
+    guarded = pooled(lambda h, guard=guard: guard(jnp.where(empty, h, -jnp.inf).max(2)))
+    assert_same_scales(params, guarded, pooled(lambda h: jnp.where(empty, h, 0.0).max(2)))
   for pool in (
     lambda h: jnp.where(empty, h, -jnp.inf).max(2),  # -inf @ w2
     lambda h: jnp.where(mask, h, -jnp.inf).sum(2),
@@ -1501,6 +1506,9 @@ def test_random_draws_in_apply_fn_are_refused():
   for net in drawn.values():
     with pytest.raises(ValueError, match=r'draws random numbers'):
       optax_path.path_scales(THREE, apply_fn=net, input_shape=(3,))
+  noisy = lambda h: h + 0.1 * jax.random.normal(key, h.shape)
+  off = three(relu, lambda h: jax.lax.cond(False, noisy, lambda h: h, h))  # a fixed flag
+  assert_same_scales(THREE, off, three(relu))
 
 
 def test_more_idioms_a_breaker_tried():
@@ -1525,8 +1533,17 @@ def test_more_idioms_a_breaker_tried():
   multiplied = three(relu, lambda h: h.at[:, 1].multiply(-1.0))
   assert_same_scales(THREE, multiplied, three(relu))
   into_constant = three(relu, lambda h: jnp.ones_like(h).at[:, 1].multiply(h[:, 0]))
-  with pytest.raises(ValueError, match=r'a product of values placed into entries'):
+  with pytest.raises(ValueError, match=r'activations multiplied into entries'):
     optax_path.path_scales(THREE, apply_fn=into_constant, input_shape=(3,))
+  gains = {**THREE, 'gain': jnp.array([2.0, -1.0])}  # a learned gain of units 1 and 3
+  idx = jnp.array([1, 3])
+  placed = lambda h, q: h.at[:, idx].multiply(q['gain'], unique_indices=True)
+  set_ = lambda h, q: h * jnp.ones(4).at[idx].set(q['gain'])
+  with_gain = lambda mid: lambda q, x: relu(mid(relu(x @ q['w1']), q) @ q['w2']) @ q['w3']
+  assert_same_scales(gains, with_gain(placed), with_gain(set_))
+  repeating = lambda h, q: h.at[:, idx].multiply(q['gain'])  # JAX cannot differentiate it
+  with pytest.raises(ValueError, match=r'indices that may repeat.*unique_indices=True'):
+    optax_path.path_scales(gains, apply_fn=with_gain(repeating), input_shape=(3,))
   overflowing = {**THREE, 'w1': THREE['w1'].at[:, 0].set(1e30)}  # unit 0: inf on the pass
   cut = three(relu, lambda h: h.at[:, 0].multiply(0.0))  # inf * 0 would be NaN
   masked = three(relu, lambda h: h * jnp.array([0.0, 1.0, 1.0, 1.0]))

@@ -237,8 +237,8 @@ def _rule(eqn: jex_core.JaxprEqn, dependent: list[bool], soft: bool = True) -> s
     return 'pad_finite' if dependent[0] and not dependent[1] else None
   if name == 'select_n' and not dependent[0] and not all(dependent[1:]):
     return 'select_finite'  # a fixed mask's -inf in place of units (scope: 0 or +-inf)
-  if name == 'scatter-mul' and dependent == [True, False, False]:
-    return 'scatter_scale'  # h.at[i].multiply(c)
+  if name == 'scatter-mul' and not dependent[1]:
+    return 'scatter_scale'  # h.at[i].multiply(c), h.at[i].multiply(gain): a weight
   if name == 'scatter-sub' and (dependent[0] or dependent[2]):
     return 'scatter_sum'  # h.at[i].subtract(g): the paths of both, as for h - g
   if name in PLACING and any(dependent[i] for i in PLACING[name]):
@@ -438,9 +438,9 @@ def _apply(eqn: jex_core.JaxprEqn, rule: str | None, values: list[Any], flags: l
     ]
     return [eqn.primitive.bind(*compared, **eqn.primitive.get_bind_params(params))]
   if rule == 'scatter_scale':  # h times the factors' magnitudes placed into ones; h * 0 is 0
-    operand, indices, factors = values
+    operand, indices, factors = (v if f else jnp.abs(v) for v, f in zip(values, flags))
     bind_params = eqn.primitive.get_bind_params(params)
-    scale = eqn.primitive.bind(jnp.ones_like(operand), indices, jnp.abs(factors), **bind_params)
+    scale = eqn.primitive.bind(jnp.ones_like(operand), indices, factors, **bind_params)
     return [jnp.where(scale == 0, jnp.zeros_like(operand), operand * scale)]
   if rule == 'scatter_sum':  # a max's constant is 0 or its identity (scope): no unit
     constant = jnp.zeros_like if name in SCATTER_MAXIMA else jnp.abs

@@ -349,15 +349,13 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
       )
     if ops[0].dep:
       _refuse_of_params(name, 'choice', ops[:1])
-    outs = [
-      _check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in eqn.params['branches']
-    ]
-    joined = [_identified(_join(column), object()) for column in zip(*outs)]
-    if ops[0].value is None or np.size(ops[0].value) != 1:
+    branches = eqn.params['branches']
+    if ops[0].value is not None and np.size(ops[0].value) == 1:  # a fixed flag: the network
+      branches = [branches[int(np.clip(np.asarray(ops[0].value).item(), 0, len(branches) - 1))]]
+    else:
       _unsure()  # the branch the pass takes is not known here
-      return joined
-    taken = outs[int(np.clip(np.asarray(ops[0].value).item(), 0, len(outs) - 1))]
-    return [dataclasses.replace(j, params=t.params) for j, t in zip(joined, taken)]
+    outs = [_check(b.jaxpr, [_Kind(value=c) for c in b.consts], ops[1:]) for b in branches]
+    return [_identified(_join(column), object()) for column in zip(*outs)]
   if is_call:  # jit, custom_jvp, checkpoint, ...: its body, with constants folded too
     body = bodies[0]
     jaxpr, body_consts = (body.jaxpr, body.consts) if hasattr(body, 'consts') else (body, ())
@@ -365,8 +363,9 @@ def _eqn_kinds(eqn: jex_core.JaxprEqn, ops: list[_Kind]) -> list[_Kind]:
   if name in _PRODUCTS and any(not k.dep and _known(k, _zero) for k in ops):
     return [_zeros(eqn)]  # 0 @ w (a zero initial state): no path, whatever w is
   out = _elementary(eqn, name, ops)
-  if name in _MAY_CREATE_INFINITIES and not out.infinities and out.dep:
-    out = _tracked(eqn, name, ops, out)  # an empty segment, window, or a -inf pad
+  fresh = not any(k.infinities or k.at_infinity is not None for k in ops)  # else: _infinite
+  if name in _MAY_CREATE_INFINITIES and fresh and not out.infinities and out.dep:
+    out = _tracked(eqn, name, ops, out)  # an empty segment, window, a -inf pad or mask
   if out.act and out.ident is None or (out.act and name not in _SAME_VALUE):
     out = dataclasses.replace(out, ident=object())  # a new activation
   if out.act and n_out > 1:  # split, unstack: each piece is an activation of its own
@@ -386,13 +385,19 @@ def _elementary(eqn: jex_core.JaxprEqn, name: str, ops: list[_Kind]) -> _Kind:
     return _CONST
   if any(k.infinities or k.at_infinity is not None for k in ops):
     return _infinite(eqn, name, ops)
-  if name == 'scatter-mul':  # h.at[i].multiply(c): h times a constant array of factors
+  if name == 'scatter-mul':  # h.at[i].multiply(c): h times factors placed into ones
     _check_indices(name, [ops[1]])
-    if ops[2].dep:
-      refuse('a product of values placed into entries (c.at[i].multiply(h), h.at[i].multiply(h))')
-    if ops[2].value is None:
+    if ops[2].inp:
+      refuse('activations multiplied into entries (c.at[i].multiply(h), h.at[i].multiply(h))')
+    if ops[2].dep and not eqn.params['unique_indices']:
+      raise ValueError(
+        'apply_fn multiplies params into entries at indices that may repeat '
+        '(h.at[i].multiply(gain)), which JAX cannot differentiate by the params: pass '
+        'unique_indices=True if they are unique, or write h * jnp.ones(n).at[i].set(gain).'
+      )
+    if not ops[2].dep and ops[2].value is None:
       _unsure()  # a factor not known here may be 0
-    return ops[0]
+    return _join([ops[0], ops[2]])
   if positive_pass.is_finiteness_test(eqn, [k.dep for k in ops]) and not joined.gate:
     return _finite_value(eqn, ops)
   if name == 'while':
