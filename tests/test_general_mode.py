@@ -604,6 +604,16 @@ def test_errors():
     optax_path.path_scales(params, apply_fn=apply_fn, input_shape=4)
 
 
+def test_path_scales_of_params_closed_over_inside_jit():
+  """Params that a jitted function closes over (concrete) while the scales are traced:
+  path_scales raised AttributeError ('sharding' of a traced array), in both modes."""
+  params, apply_fn = linen_mlp()
+  for mode in ({}, {'apply_fn': apply_fn, 'input_shape': (4,)}):
+    want = optax_path.path_scales(params, **mode)
+    got = jax.jit(lambda mode=mode: optax_path.path_scales(params, **mode))()
+    assert_trees_close(got, want)
+
+
 def test_errors_name_the_cause_a_breaker_met():
   """apply_fn failures and refusals that blamed input_shape or 'a normalisation layer':
   an NNX module in training mode (it updates its batch statistics or RNG counter), the

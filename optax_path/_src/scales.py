@@ -249,8 +249,8 @@ def path_scales(
 def _placed_like(scale, leaf):
   """``scale`` on the devices and with the sharding of ``leaf``, when both are concrete
   (under ``jit`` with Auto axes, where the result goes is XLA's choice, or ``out_shardings``)."""
-  concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-  if concrete and isinstance(scale, jax.Array) and scale.sharding != leaf.sharding:
+  concrete = lambda a: isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+  if concrete(leaf) and concrete(scale) and scale.sharding != leaf.sharding:
     return jax.device_put(scale, leaf.sharding)
   return scale
 
