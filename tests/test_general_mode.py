@@ -647,7 +647,7 @@ def test_errors_name_the_cause_a_breaker_met():
   variables = Normed().init(jax.random.key(0), jnp.ones((1, 3)))
   with pytest.raises(
     ValueError,
-    match=r'rsqrt to values of batch_stats/BatchNorm_0/var alone.*'
+    match=r'rsqrt .* by batch_stats/BatchNorm_0/var alone.*'
     r"only the 'params' collection",
   ):
     optax_path.path_scales(variables, apply_fn=Normed().apply, input_shape=(3,))

@@ -1084,14 +1084,13 @@ def _refuse_of_params(name: str, what: str, kinds: Sequence[_Kind]) -> None:
 def _refuse_statistics(name: str, kind: _Kind) -> None:
   names = _PARAM_NAMES.get()
   which = ', '.join(names[i] for i in sorted(kind.params)) if names and kind.params else None
-  raise ValueError(
-    f'apply_fn applies {name} to values of {which or "the parameters"} alone: the variance '
-    "of a normalisation, or weight normalisation. If these are BatchNorm's running "
-    'statistics (use_running_average=True: a fixed affine map, in scope), they are not '
-    "parameters: give path_normalize only the 'params' collection and close over "
-    "'batch_stats' in apply_fn (lambda q, x: model.apply({'params': q, 'batch_stats': "
-    'stats}, x)). Weight normalisation is out of scope: the weights of its paths are no '
-    'parameters of their own.'
+  _refuse(
+    name,
+    f'a root or division by {which or "the parameters"} alone: the variance of a '
+    "normalisation, or weight normalisation. If these are BatchNorm's running statistics "
+    '(use_running_average=True: a fixed affine map, in scope), they are not parameters: give '
+    "path_normalize only the 'params' collection and close over 'batch_stats' in apply_fn "
+    "(lambda q, x: model.apply({'params': q, 'batch_stats': stats}, x))",
   )
 
 
