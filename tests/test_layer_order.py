@@ -480,12 +480,21 @@ def test_layer_order_refuses_kernels_stored_out_in():
     'jit, cast': lambda q, x: jax.jit(lambda h, w: h @ w.astype(h.dtype).T)(
       relu(x @ k(q, 0)) @ k(q, 1), k(q, 2)
     ),
+    'scaled, stopped, barrier': lambda q, x: (
+      relu(relu(x @ k(q, 0)) @ jax.lax.stop_gradient(2.0 * k(q, 1)).T)
+      @ jax.lax.optimization_barrier(k(q, 2)).T
+    ),
+    'rot90 then flip': lambda q, x: relu(relu(x @ k(q, 0)) @ jnp.flip(jnp.rot90(k(q, 1)), 0))
+    @ k(q, 2),
   }
   for net in refused.values():
     with pytest.raises(
-      ValueError, match=r'kernels of Dense_[12] over their second axis.*\(out, in\)'
+      ValueError, match=r'kernels of Dense_[12](, Dense_2)? over their second axis.*\(out, in\)'
     ):
       optax_path.layer_order(params, apply_fn=net, input_shape=(4,))
+  raveled = lambda q, x: relu(relu(x @ k(q, 0)) @ k(q, 1).ravel().reshape(4, 4).T) @ k(q, 2)
+  with pytest.raises(ValueError, match=r'reshapes, slices or gathers the kernels of Dense_1'):
+    optax_path.layer_order(params, apply_fn=raveled, input_shape=(4,))
   moved = optax_path.path_scales(params, apply_fn=refused['x @ W.T'], input_shape=(4,))['Dense_1']
   assert not np.allclose(moved['kernel'], optax_path.path_scales(params)['Dense_1']['kernel'])
   accepted = {

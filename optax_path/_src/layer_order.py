@@ -50,6 +50,7 @@ class _Trace:
     self.feeds: list[frozenset] = []
     self.opaque: set[int] = set()
     self.transposed: set[int] = set()  # kernels contracted on their out axis (x @ W.T)
+    self.unverified: set[int] = set()  # kernels reshaped or gathered before a product
 
   def read(self, table: dict, atom) -> frozenset:
     return table.get(atom, frozenset()) if isinstance(atom, jex_core.Var) else frozenset()
@@ -97,19 +98,41 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
   return [trace.read(trace.frontier, v) for v in jaxpr.outvars]
 
 
+#: Operations whose output keeps the axes of a kernel operand of the same shape.
+_KEEPS_AXES = frozenset(
+  {'convert_element_type', 'copy', 'copy_p', 'reduce_precision', 'sharding_constraint', 'rev'}
+  | {'neg', 'abs', 'sign', 'square', 'integer_pow', 'pow', 'exp', 'log', 'sqrt', 'rsqrt'}
+  | {'mul', 'div', 'add', 'sub', 'max', 'min', 'select_n', 'stop_gradient', 'pvary'}
+)
+
+
 def _follow_axes(eqn, trace: _Trace) -> None:
   """Which axes of a kernel a cast or transposed copy has, and whether a matrix product
   contracts a kernel over its output axis (``x @ W.T``, an Einsum ``'bi,oi->bo'``)."""
   name, axes = eqn.primitive.name, [trace.read(trace.axes, v) or None for v in eqn.invars]
-  if name in ('convert_element_type', 'copy', 'copy_p') and axes[0] is not None:
+  if name == 'optimization_barrier':
+    trace.axes.update((out, kept) for out, kept in zip(eqn.outvars, axes) if kept is not None)
+  elif (
+    name == 'reshape'
+    and axes[0] is not None
+    and eqn.outvars[0].aval.shape == eqn.invars[0].aval.shape
+  ):
     trace.axes[eqn.outvars[0]] = axes[0]
+  elif name in _KEEPS_AXES and len(eqn.outvars) == 1:  # elementwise, or a flip
+    shape = eqn.outvars[0].aval.shape
+    kept = [a for a, v in zip(axes, eqn.invars) if a is not None and v.aval.shape == shape]
+    if kept:
+      trace.axes[eqn.outvars[0]] = kept[0]
   elif name == 'transpose' and axes[0] is not None:
     trace.axes[eqn.outvars[0]] = tuple(axes[0][i] for i in eqn.params['permutation'])
   elif name == 'dot_general':
     contracting = eqn.params['dimension_numbers'][0]
     for operand, dims, kept in zip(eqn.invars, contracting, axes):
+      sources = trace.read(trace.sources, operand)
       if kept is not None and {kept[d] for d in dims} == {1}:
-        trace.transposed |= trace.read(trace.sources, operand)
+        trace.transposed |= sources
+      elif kept is None and len(sources) == 1 and sources <= trace.kernels:
+        trace.unverified |= sources
 
 
 def _kernels_in_bodies(eqn, inputs: list[frozenset], kernels: set[int]) -> set[int]:
@@ -236,6 +259,14 @@ def layer_order(
       'twice, or tied weights): the network is not a chain of distinct dense layers, which '
       'the MLP mode needs. Use the general mode (apply_fn=, input_shape=), which counts '
       'every path through shared weights.'
+    )
+  unverified = [name(i) for i in kernels if i in trace.unverified]
+  if unverified:
+    raise ValueError(
+      f'apply_fn reshapes, slices or gathers the kernels of {", ".join(unverified)} before '
+      'a matrix product, so it cannot be told which of their axes is the input one. The '
+      'MLP mode reads every kernel as (in, out): use the general mode (apply_fn=, '
+      'input_shape=), which follows the products as apply_fn computes them.'
     )
   transposed = [name(i) for i in kernels if i in trace.transposed]
   if transposed:
