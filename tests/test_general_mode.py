@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -549,6 +550,37 @@ def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
     leaves = zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want), strict=True)
     for (path, a), b in leaves:
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_gradient_through_an_update_is_finite_where_the_pass_overflows():
+  """Float32, p = 3, a hidden unit rescaled by 1e18 (the function unchanged): the pass
+  overflows, every update is 0, and the gradient through the update was NaN in every
+  kernel. The saturated scales are constants: the meta-gradient is the loss's own."""
+  rng = np.random.default_rng(0)
+  names = ['Dense_0', 'Dense_1', 'Dense_2']
+  params = jax.tree.map(
+    lambda a: jnp.asarray(a, jnp.float32), random_mlp(rng, [7, 6, 6, 5], dtype=np.float32)
+  )
+  params['Dense_0'] = {k: v.at[..., 1].multiply(1e18) for k, v in params['Dense_0'].items()}
+  params['Dense_1']['kernel'] = params['Dense_1']['kernel'].at[1].multiply(1e-18)
+  x = jax.random.normal(jax.random.key(1), (16, 7))
+  y = jnp.arange(16) % 5
+
+  def forward(q, x):
+    for name in names[:-1]:
+      x = jax.nn.relu(x @ q[name]['kernel'] + q[name]['bias'])
+    return x @ q[names[-1]]['kernel'] + q[names[-1]]['bias']
+
+  loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(forward(q, x), y).mean()
+  tx = optax_path.path_normalize(3.0, apply_fn=forward, input_shape=(7,))
+
+  def meta_loss(q):
+    updates = tx.update(jax.grad(loss)(q), tx.init(q), q)[0]
+    return loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
+
+  updates = tx.update(jax.grad(loss)(params), tx.init(params), params)[0]
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  chex.assert_trees_all_close(jax.grad(meta_loss)(params), jax.grad(loss)(params), rtol=1e-6)
 
 
 @pytest.mark.slow

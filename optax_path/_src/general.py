@@ -406,7 +406,32 @@ def _invalid(p, floats) -> jax.Array:
 
 def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
   """``(2/p) log(d phi_p^p / d q_i)`` per floating leaf; ``+inf`` where untrusted, NaN
-  where the params or a traced ``p`` are invalid."""
+  where the params or a traced ``p`` are invalid.
+
+  Differentiable (a gradient through an update, as in meta-learning) where the pass
+  stays in the float range. Where it overflows, the infinities it holds would turn even
+  a zero cotangent into NaN, so the derivative is taken as 0 there: the saturated scales
+  (and the zero updates they give) are constants. ``lax.cond`` runs the derivative only
+  where it is defined.
+  """
+
+  @jax.custom_jvp
+  def log_scales(floats):
+    return _log_scales_in_range(jaxpr, consts, p, floats)[0]
+
+  @log_scales.defjvp
+  def derivative_in_range(primals, tangents):
+    (floats,), (d_floats,) = primals, tangents
+    out, in_range = _log_scales_in_range(jaxpr, consts, p, floats)
+    derivative = lambda d: jax.jvp(log_scales.fun, (floats,), (d,))[1]
+    constant = lambda d: [jnp.zeros_like(o) for o in out]
+    return out, jax.lax.cond(in_range, derivative, constant, d_floats)
+
+  return log_scales(floats)
+
+
+def _log_scales_in_range(jaxpr, consts, p, floats) -> tuple[list[jax.Array], jax.Array]:
+  """The log scales, and whether the pass and every derivative of it are finite."""
   phi_p_p, grads = jax.value_and_grad(lambda q: _phi_p_to_the_p(jaxpr, consts, q))(
     _powers(jaxpr, p, floats)
   )
@@ -420,7 +445,8 @@ def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
     log_g = jnp.where(positive, (2 / p) * jnp.log(jnp.where(positive, g, 1.0)), jnp.inf)
     log_g = jnp.where(g == 0, -jnp.inf, log_g)
     log_scales.append(jnp.where(invalid, jnp.nan, jnp.where(trusted, log_g, jnp.inf)))
-  return log_scales
+  in_range = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g)) for g in grads], trusted)
+  return log_scales, in_range
 
 
 def _log_path_norm(jaxpr, consts, p, floats) -> jax.Array:
