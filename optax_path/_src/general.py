@@ -409,10 +409,10 @@ def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
   where the params or a traced ``p`` are invalid.
 
   Differentiable (a gradient through an update, as in meta-learning) where the pass
-  stays in the float range. Where it overflows, the infinities it holds would turn even
-  a zero cotangent into NaN, so the derivative is taken as 0 there: the saturated scales
-  (and the zero updates they give) are constants. ``lax.cond`` runs the derivative only
-  where it is defined.
+  stays in the float range. Where any part of it overflows, the infinities it holds
+  would turn even a zero cotangent into NaN, so the derivative of every scale is taken
+  as 0: the scales are constants there. ``lax.cond`` runs the derivative only where it
+  is defined.
   """
 
   @jax.custom_jvp
