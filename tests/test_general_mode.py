@@ -496,30 +496,37 @@ def test_dead_units_and_overflowing_scales_give_zero_not_nan():
   assert float(updates['c'][0, 0]) == 0.0 and float(updates['e'][0, 0]) == 0.0
 
 
+MLP_LAYERS = ['Dense_0', 'Dense_1', 'Dense_2']
+
+
+def mlp_forward(q, x):
+  """The ReLU MLP of ``random_mlp``'s params, written out."""
+  for name in MLP_LAYERS[:-1]:
+    x = jax.nn.relu(x @ q[name]['kernel'] + q[name]['bias'])
+  return x @ q[MLP_LAYERS[-1]]['kernel'] + q[MLP_LAYERS[-1]]['bias']
+
+
+def mlp_loss(q):
+  """Cross-entropy of ``mlp_forward`` (7 inputs, 5 classes) on a fixed batch of 16."""
+  x = jax.random.normal(jax.random.key(1), (16, 7))
+  logits = mlp_forward(q, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(16) % 5).mean()
+
+
 @pytest.mark.parametrize('net', ['dead unit', 'zero head'])
 def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
   """jax.grad through one update (meta-learning a step, MAML) of a net with a dead hidden
   unit (its incoming column and bias 0) or a zero-initialised head: the general mode gave
   NaN in every kernel's gradient (log 0 = -inf with derivative 1/0). Expected: eq. 9's
   scales, written out in float64 with 0 / 0 as 0 (a zero scale, a zero update)."""
-  names = ['Dense_0', 'Dense_1', 'Dense_2']
   params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(0), [7, 6, 6, 5]))
   if net == 'dead unit':
     params['Dense_0'] = {k: v.at[..., 2].set(0.0) for k, v in params['Dense_0'].items()}
   else:
     params['Dense_2'] = {k: jnp.zeros_like(v) for k, v in params['Dense_2'].items()}
-  x = jax.random.normal(jax.random.key(1), (16, 7))
-  y = jnp.arange(16) % 5
-
-  def forward(q, x):
-    for name in names[:-1]:
-      x = jax.nn.relu(x @ q[name]['kernel'] + q[name]['bias'])
-    return x @ q[names[-1]]['kernel'] + q[names[-1]]['bias']
-
-  loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(forward(q, x), y).mean()
 
   def eq9(grads, q):
-    squares = [(q[n]['kernel'] ** 2, q[n]['bias'] ** 2) for n in names]
+    squares = [(q[n]['kernel'] ** 2, q[n]['bias'] ** 2) for n in MLP_LAYERS]
     gamma_in = [jnp.ones(7)]
     for w, b in squares:
       gamma_in.append(gamma_in[-1] @ w + b)
@@ -532,12 +539,12 @@ def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
         'kernel': divide(grads[n]['kernel'], jnp.outer(gamma_in[l], gamma_out[l + 1])),
         'bias': divide(grads[n]['bias'], gamma_out[l + 1]),
       }
-      for l, n in enumerate(names)
+      for l, n in enumerate(MLP_LAYERS)
     }
 
   def meta_loss(q, normalize):
-    updates = normalize(jax.grad(loss)(q), q)
-    return loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
+    updates = normalize(jax.grad(mlp_loss)(q), q)
+    return mlp_loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
 
   def transformation(**mode):
     tx = optax_path.path_normalize(**mode)
@@ -545,7 +552,7 @@ def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
 
   want = jax.grad(meta_loss)(params, eq9)
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(want))
-  for mode in ({}, {'apply_fn': forward, 'input_shape': (7,)}):
+  for mode in ({}, {'apply_fn': mlp_forward, 'input_shape': (7,)}):
     got = jax.grad(meta_loss)(params, transformation(**mode))
     leaves = zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want), strict=True)
     for (path, a), b in leaves:
@@ -557,30 +564,20 @@ def test_a_gradient_through_an_update_is_finite_where_the_pass_overflows():
   overflows, every update is 0, and the gradient through the update was NaN in every
   kernel. The saturated scales are constants: the meta-gradient is the loss's own."""
   rng = np.random.default_rng(0)
-  names = ['Dense_0', 'Dense_1', 'Dense_2']
   params = jax.tree.map(
     lambda a: jnp.asarray(a, jnp.float32), random_mlp(rng, [7, 6, 6, 5], dtype=np.float32)
   )
   params['Dense_0'] = {k: v.at[..., 1].multiply(1e18) for k, v in params['Dense_0'].items()}
   params['Dense_1']['kernel'] = params['Dense_1']['kernel'].at[1].multiply(1e-18)
-  x = jax.random.normal(jax.random.key(1), (16, 7))
-  y = jnp.arange(16) % 5
-
-  def forward(q, x):
-    for name in names[:-1]:
-      x = jax.nn.relu(x @ q[name]['kernel'] + q[name]['bias'])
-    return x @ q[names[-1]]['kernel'] + q[names[-1]]['bias']
-
-  loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(forward(q, x), y).mean()
-  tx = optax_path.path_normalize(3.0, apply_fn=forward, input_shape=(7,))
+  tx = optax_path.path_normalize(3.0, apply_fn=mlp_forward, input_shape=(7,))
 
   def meta_loss(q):
-    updates = tx.update(jax.grad(loss)(q), tx.init(q), q)[0]
-    return loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
+    updates = tx.update(jax.grad(mlp_loss)(q), tx.init(q), q)[0]
+    return mlp_loss(jax.tree.map(lambda a, u: a - 0.1 * u, q, updates))
 
-  updates = tx.update(jax.grad(loss)(params), tx.init(params), params)[0]
+  updates = tx.update(jax.grad(mlp_loss)(params), tx.init(params), params)[0]
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-  chex.assert_trees_all_close(jax.grad(meta_loss)(params), jax.grad(loss)(params), rtol=1e-6)
+  chex.assert_trees_all_close(jax.grad(meta_loss)(params), jax.grad(mlp_loss)(params), rtol=1e-6)
 
 
 @pytest.mark.slow
