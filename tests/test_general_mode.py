@@ -578,6 +578,15 @@ def test_a_gradient_through_an_update_is_finite_where_the_pass_overflows():
   updates = tx.update(jax.grad(mlp_loss)(params), tx.init(params), params)[0]
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   chex.assert_trees_all_close(jax.grad(meta_loss)(params), jax.grad(mlp_loss)(params), rtol=1e-6)
+  balanced = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_mlp(rng, [7, 6, 6, 5]))
+  ensemble = jax.tree.map(lambda a, b: jnp.stack([a, b]), balanced, params)  # vmap: a select
+  batched = jax.vmap(jax.grad(meta_loss))(ensemble)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a[1], batched), jax.grad(mlp_loss)(params), rtol=1e-5
+  )
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a[0], batched), jax.grad(meta_loss)(balanced), rtol=1e-5
+  )
 
 
 @pytest.mark.slow
