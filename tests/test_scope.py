@@ -1452,6 +1452,25 @@ def test_a_fixed_mask_of_minus_inf_before_a_max_is_no_unit():
       optax_path.path_scales(params, apply_fn=pooled(pool), input_shape=(3,))
 
 
+def test_a_cond_on_a_python_bool_is_the_branch_it_takes():
+  """lax.cond(False, out_of_scope, relu, h), as a model's eval flag: scope refused what
+  the branch never taken computes (a random draw; argmax, by the pass, which evaluated
+  every branch). Expected: the net of the branch taken; out of scope when taken."""
+  relu = jax.nn.relu
+  picked = lambda h: jax.nn.one_hot(jnp.argmax(h, -1), 4)
+  noisy = lambda h: h + jax.random.normal(jax.random.key(0), h.shape)
+  for other in (picked, noisy, jax.nn.gelu):
+    assert_same_scales(
+      THREE, three(relu, lambda h, o=other: jax.lax.cond(False, o, relu, h)), three(relu)
+    )
+    with pytest.raises(ValueError, match='apply_fn'):
+      optax_path.path_scales(
+        THREE,
+        apply_fn=three(relu, lambda h, o=other: jax.lax.cond(True, o, relu, h)),
+        input_shape=(3,),
+      )
+
+
 def test_random_draws_in_apply_fn_are_refused():
   """Dropout left on in apply_fn (Linen deterministic=False, NNX Rngs made in the call)
   was accepted: the scales were those of one thinned network (18 of 24 first-layer

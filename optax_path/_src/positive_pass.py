@@ -496,7 +496,12 @@ def _no_unit_if_infinite(value: Any) -> Any:
 
 
 def _cond(eqn: jex_core.JaxprEqn, values: list[Any], flags: list[bool]) -> list[Any]:
-  """``cond`` with each branch evaluated with the substitutions."""
+  """``cond`` with each branch evaluated with the substitutions; on a fixed index (a
+  Python bool), only the branch it takes, as the network does."""
+  if not isinstance(values[0], jax.core.Tracer):
+    branches = eqn.params['branches']
+    taken = branches[int(np.clip(np.asarray(values[0]).item(), 0, len(branches) - 1))]
+    return _eval(taken.jaxpr, taken.consts, values[1:], flags[1:])
   avals = [jax.typeof(v) for v in values[1:]]
   branches = tuple(
     jax.make_jaxpr(lambda *xs, b=b: _eval(b.jaxpr, b.consts, xs, flags[1:]))(*avals)
