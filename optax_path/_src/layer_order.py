@@ -4,7 +4,9 @@ Params do not hold the order of the layers (see ``layers``); the forward pass do
 is traced once, abstractly (no FLOPs), and the kernels are listed in the order in which
 matrix products consume them, following every value from the kernel leaf to the
 product through casts, transposes and nested calls (``jit``, ``custom_jvp``,
-``checkpoint``). The result is what ``layers=`` takes.
+``checkpoint``). Each kernel must be contracted over its first axis, as the MLP mode
+reads it (``(in, out)``); one applied as ``x @ W.T`` is refused. The result is what
+``layers=`` takes.
 """
 
 from __future__ import annotations
