@@ -559,6 +559,33 @@ def test_a_gradient_through_an_update_is_finite_with_zero_scales(x64, net):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=jax.tree_util.keystr(path))
 
 
+def test_an_update_differentiates_by_an_injected_p_and_by_what_apply_fn_closes_over(x64):
+  """The overflow guard (a custom_jvp) closed over p and apply_fn's constants: a gradient
+  by an injected p, or by a value apply_fn closes over, raised TypeError. Expected: the
+  MLP mode's derivative by p, and central differences by the closed-over value."""
+  params = jax.tree.map(jnp.asarray, random_mlp(np.random.default_rng(0), [7, 6, 6, 5]))
+  grads = jax.grad(mlp_loss)(params)
+
+  def meta_loss(tx):
+    updates = tx.update(grads, tx.init(params), params)[0]
+    return mlp_loss(jax.tree.map(lambda a, u: a - 0.1 * u, params, updates))
+
+  general = {'apply_fn': mlp_forward, 'input_shape': (7,)}
+  injected = optax.inject_hyperparams(optax_path.path_normalize, static_args=tuple(general))
+  by_p = lambda p, **mode: meta_loss(injected(p=p, **mode))
+  want = jax.grad(by_p)(2.0)
+  for derivative in (jax.grad, jax.jacfwd, lambda f: jax.jit(jax.grad(f))):
+    np.testing.assert_allclose(derivative(lambda p: by_p(p, **general))(2.0), want, rtol=1e-10)
+
+  def by_t(t):  # apply_fn scales its input by t: the pass's constants depend on t
+    scaled = lambda q, x: mlp_forward(q, x * t)
+    return meta_loss(optax_path.path_normalize(apply_fn=scaled, input_shape=(7,)))
+
+  h = 1e-5
+  central = (by_t(1.5 + h) - by_t(1.5 - h)) / (2 * h)
+  np.testing.assert_allclose(jax.grad(by_t)(1.5), central, rtol=1e-7)
+
+
 def test_a_gradient_through_an_update_is_finite_where_the_pass_overflows():
   """Float32, p = 3, a hidden unit rescaled by 1e18 (the function unchanged): the pass
   overflows, every update is 0, and the gradient through the update was NaN in every

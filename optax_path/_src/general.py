@@ -415,19 +415,38 @@ def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
   is defined.
   """
 
+  # Everything it may be differentiated by is an argument (a custom_jvp cannot close over
+  # it): the params, a traced p, and the floating constants of apply_fn.
+  is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+  fixed = [None if f else c for c, f in zip(consts, is_float)]
+  args = (floats, [c for c, f in zip(consts, is_float) if f], p)
+
+  def log_scales_of(floats, float_consts, p):
+    found = iter(float_consts)
+    consts = [next(found) if c is None else c for c in fixed]
+    return _log_scales_in_range(jaxpr, consts, p, floats)
+
+  if isinstance(p, float):  # static: not an argument of the custom_jvp
+    return _guarded(lambda floats, float_consts: log_scales_of(floats, float_consts, p))(*args[:2])
+  return _guarded(log_scales_of)(*args)
+
+
+def _guarded(log_scales_of):
+  """``log_scales_of``'s scales, with their derivative 0 where its flag says that the
+  pass overflowed (see ``_log_scales``)."""
+
   @jax.custom_jvp
-  def log_scales(floats):
-    return _log_scales_in_range(jaxpr, consts, p, floats)[0]
+  def log_scales(*args):
+    return log_scales_of(*args)[0]
 
   @log_scales.defjvp
   def derivative_in_range(primals, tangents):
-    (floats,), (d_floats,) = primals, tangents
-    out, in_range = _log_scales_in_range(jaxpr, consts, p, floats)
-    derivative = lambda d: jax.jvp(log_scales.fun, (floats,), (d,))[1]
-    constant = lambda d: [jnp.zeros_like(o) for o in out]
-    return out, jax.lax.cond(in_range, derivative, constant, d_floats)
+    out, in_range = log_scales_of(*primals)
+    derivative = lambda t: jax.jvp(lambda *a: log_scales_of(*a)[0], primals, t)[1]
+    constant = lambda t: [jnp.zeros_like(o) for o in out]
+    return out, jax.lax.cond(in_range, derivative, constant, tangents)
 
-  return log_scales(floats)
+  return log_scales
 
 
 def _log_scales_in_range(jaxpr, consts, p, floats) -> tuple[list[jax.Array], jax.Array]:
