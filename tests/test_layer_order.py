@@ -492,6 +492,11 @@ def test_layer_order_refuses_kernels_stored_out_in():
       ValueError, match=r'kernels of Dense_[12](, Dense_2)? over their second axis.*\(out, in\)'
     ):
       optax_path.layer_order(params, apply_fn=net, input_shape=(4,))
+  adapted = {**params, 'lora': {'a': jnp.ones((4, 1)), 'b': jnp.ones((1, 4))}}
+  delta = lambda q: q['lora']['a'] @ q['lora']['b']
+  lora = lambda q, x: relu(relu(x @ k(q, 0)) @ (k(q, 1) + delta(q))) @ k(q, 2)
+  with pytest.raises(ValueError, match=r'Dense_1 are not the weight.*LoRA'):
+    optax_path.layer_order(adapted, apply_fn=lora, input_shape=(4,))
   raveled = lambda q, x: relu(relu(x @ k(q, 0)) @ k(q, 1).ravel().reshape(4, 4).T) @ k(q, 2)
   with pytest.raises(ValueError, match=r'reshapes, slices or gathers the kernels of Dense_1'):
     optax_path.layer_order(params, apply_fn=raveled, input_shape=(4,))
@@ -503,6 +508,12 @@ def test_layer_order_refuses_kernels_stored_out_in():
     ),
     'W.T.T': lambda q, x: relu(relu(x @ k(q, 0)) @ k(q, 1).T.T) @ k(q, 2),
     '(W.T @ h.T).T': lambda q, x: (k(q, 2).T @ relu(relu(x @ k(q, 0)) @ k(q, 1)).T).T,
+    'tanh(W), W - W.mean(0)': lambda q, x: (
+      relu(relu(x @ jnp.tanh(k(q, 0))) @ (k(q, 1) - k(q, 1).mean(0))) @ k(q, 2)
+    ),
+    'W / |W|.sum(0) and a clip': lambda q, x: (
+      relu(relu(x @ (k(q, 0) / jnp.abs(k(q, 0)).sum(0))) @ jnp.clip(k(q, 1), -1, 1)) @ k(q, 2)
+    ),
   }
   for net in accepted.values():
     order = optax_path.layer_order(params, apply_fn=net, input_shape=(4,))

@@ -100,14 +100,6 @@ def _walk(jaxpr, trace: _Trace) -> list[frozenset]:
   return [trace.read(trace.frontier, v) for v in jaxpr.outvars]
 
 
-#: Operations whose output keeps the axes of a kernel operand of the same shape.
-_KEEPS_AXES = frozenset(
-  {'convert_element_type', 'copy', 'copy_p', 'reduce_precision', 'sharding_constraint', 'rev'}
-  | {'neg', 'abs', 'sign', 'square', 'integer_pow', 'pow', 'exp', 'log', 'sqrt', 'rsqrt'}
-  | {'mul', 'div', 'add', 'sub', 'max', 'min', 'select_n', 'stop_gradient', 'pvary'}
-)
-
-
 def _follow_axes(eqn, trace: _Trace) -> None:
   """Which axes of a kernel a cast or transposed copy has, and whether a matrix product
   contracts a kernel over its output axis (``x @ W.T``, an Einsum ``'bi,oi->bo'``)."""
@@ -120,13 +112,13 @@ def _follow_axes(eqn, trace: _Trace) -> None:
     and eqn.outvars[0].aval.shape == eqn.invars[0].aval.shape
   ):
     trace.axes[eqn.outvars[0]] = axes[0]
-  elif name in _KEEPS_AXES and len(eqn.outvars) == 1:  # elementwise, or a flip
+  elif name == 'transpose' and axes[0] is not None:
+    trace.axes[eqn.outvars[0]] = tuple(axes[0][i] for i in eqn.params['permutation'])
+  elif _elementwise(eqn):  # tanh(W), W * mask, a flip or a cumsum: the axes stay
     shape = eqn.outvars[0].aval.shape
     kept = [a for a, v in zip(axes, eqn.invars) if a is not None and v.aval.shape == shape]
     if kept:
       trace.axes[eqn.outvars[0]] = kept[0]
-  elif name == 'transpose' and axes[0] is not None:
-    trace.axes[eqn.outvars[0]] = tuple(axes[0][i] for i in eqn.params['permutation'])
   elif name == 'dot_general':
     contracting = eqn.params['dimension_numbers'][0]
     for operand, dims, kept in zip(eqn.invars, contracting, axes):
@@ -135,6 +127,20 @@ def _follow_axes(eqn, trace: _Trace) -> None:
         trace.transposed |= sources
       elif kept is None and len(sources) == 1 and sources <= trace.kernels:
         trace.unverified |= sources
+
+
+def _elementwise(eqn) -> bool:
+  """Whether ``eqn`` maps its operands entry by entry, or within each axis: one output,
+  every operand of its shape up to broadcast axes of size 1, or a scalar (not a gather,
+  product or reshape, whose operands differ in shape; a transpose is followed on its
+  own)."""
+  if len(eqn.outvars) != 1 or eqn.primitive.name in ('transpose', 'reshape'):
+    return False
+  shape = eqn.outvars[0].aval.shape
+  broadcast = lambda s: (
+    s == () or (len(s) == len(shape) and all(n in (1, m) for n, m in zip(s, shape)))
+  )  # W - W.mean(0, keepdims=True)
+  return all(broadcast(getattr(v.aval, 'shape', None)) for v in eqn.invars)
 
 
 def _kernels_in_bodies(eqn, inputs: list[frozenset], kernels: set[int]) -> set[int]:
@@ -284,8 +290,10 @@ def layer_order(
   if missing:
     raise ValueError(
       f'The kernels of {", ".join(missing)} are not the weight of a matrix product in the '
-      'trace of apply_fn (unused, or applied inside a loop such as nn.scan): list the '
-      'layers from input to output by hand with layers=.'
+      'trace of apply_fn (unused, applied inside a loop such as nn.scan, or combined '
+      "with other params before the product, as a LoRA's W + A @ B, which the MLP mode "
+      'would not see): list the layers from input to output by hand with layers=, or use '
+      'the general mode (apply_fn=, input_shape=).'
     )
 
   def describe(i):
