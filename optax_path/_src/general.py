@@ -418,17 +418,16 @@ def _log_scales(jaxpr, consts, p, floats) -> list[jax.Array]:
   # Everything it may be differentiated by is an argument (a custom_jvp cannot close over
   # it): the params, a traced p, and the floating constants of apply_fn.
   is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
-  fixed = [None if f else c for c, f in zip(consts, is_float)]
-  args = (floats, [c for c, f in zip(consts, is_float) if f], p)
+  float_consts = [c for c, f in zip(consts, is_float) if f]
 
   def log_scales_of(floats, float_consts, p):
     found = iter(float_consts)
-    consts = [next(found) if c is None else c for c in fixed]
-    return _log_scales_in_range(jaxpr, consts, p, floats)
+    merged = [next(found) if f else c for c, f in zip(consts, is_float)]
+    return _log_scales_in_range(jaxpr, merged, p, floats)
 
   if isinstance(p, float):  # static: not an argument of the custom_jvp
-    return _guarded(lambda floats, float_consts: log_scales_of(floats, float_consts, p))(*args[:2])
-  return _guarded(log_scales_of)(*args)
+    return _guarded(lambda q, c: log_scales_of(q, c, p))(floats, float_consts)
+  return _guarded(log_scales_of)(floats, float_consts, p)
 
 
 def _guarded(log_scales_of):
